@@ -1,0 +1,49 @@
+"""The KV cache: an explicit pytree, passed into prefill/decode, donated and returned."""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from glmjax.config import GlmConfig
+
+# Logical axes of each cache array, mapped to the mesh by sharding/ like the parameters.
+KV_AXES = ('batch', 'seq', 'kv_heads', 'head_dim')
+LENGTHS_AXES = ('batch',)
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array  # [B] int32: filled positions per row; the next token goes there
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def layers(self) -> list[tuple[jax.Array, jax.Array]]:
+        return list(zip(self.k, self.v))
+
+    def replace_layers(self, kv: list[tuple[jax.Array, jax.Array]],
+                       lengths: jax.Array) -> 'KVCache':
+        return KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), lengths=lengths)
+
+
+def cache_shapes(cfg: GlmConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
+                 num_layers: int | None = None) -> KVCache:
+    """ShapeDtypeStructs of a cache; `num_layers` defaults to the main stack."""
+    L = cfg.num_hidden_layers if num_layers is None else num_layers
+    kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_key_value_heads, cfg.head_dim), dtype)
+    return KVCache(k=(kv,) * L, v=(kv,) * L,
+                   lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
+def init_cache(cfg: GlmConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
+               num_layers: int | None = None) -> KVCache:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        cache_shapes(cfg, batch, max_len, dtype, num_layers))
+
+
+def kv_bytes_per_token(cfg: GlmConfig, dtype=jnp.bfloat16) -> int:
+    return (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+            * jnp.dtype(dtype).itemsize)

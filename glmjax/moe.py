@@ -1,0 +1,105 @@
+"""The MoE block: sigmoid router with correction bias, routed experts, shared expert.
+
+Routing follows transformers' Glm4MoeTopkRouter exactly: the correction bias steers which
+experts are chosen but the weights are the unbiased sigmoid scores. No token is dropped.
+
+The routed experts have more than one implementation, all computing the same sums:
+- `dense`: every expert on every token, weighted by a mostly-zero [T, E] matrix. Cheapest
+  when tokens x top_k covers the experts anyway (tiny models, prefill on CPU).
+- `gather`: each token reads only its top_k experts' weights. For small decode batches,
+  where reading all E experts would be the whole cost.
+- `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For long
+  prefills on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glmjax.config import GlmConfig
+from glmjax.layers import MLP, param
+
+ROUTER_STD = 0.02
+
+
+def route(cfg: GlmConfig, x: jax.Array, router: jax.Array, bias: jax.Array):
+    """x: [T, D] -> (weights [T, k] fp32, expert ids [T, k] int32)."""
+    logits = x.astype(jnp.float32) @ router.astype(jnp.float32)  # [T, E]
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias
+    if cfg.n_group > 1:
+        T, E, G = choice.shape[0], cfg.n_routed_experts, cfg.n_group
+        grouped = choice.reshape(T, G, E // G)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)
+        group_mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], keep].set(True)
+        choice = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(T, E)
+    _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def experts_dense(x, weights, ids, gate, up, down):
+    """x: [T, D]; weights, ids: [T, k]; gate, up: [E, D, F]; down: [E, F, D]."""
+    T, E = x.shape[0], gate.shape[0]
+    combine = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], ids].add(weights)
+    h = jax.nn.silu(jnp.einsum('TD,EDF->TEF', x, gate)) * jnp.einsum('TD,EDF->TEF', x, up)
+    y = jnp.einsum('TEF,EFD->TED', h, down)
+    return jnp.einsum('TED,TE->TD', y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def experts_gather(x, weights, ids, gate, up, down):
+    h = (jax.nn.silu(jnp.einsum('TD,TkDF->TkF', x, gate[ids]))
+         * jnp.einsum('TD,TkDF->TkF', x, up[ids]))
+    y = jnp.einsum('TkF,TkFD->TkD', h, down[ids])
+    return jnp.einsum('TkD,Tk->TD', y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def experts_grouped(x, weights, ids, gate, up, down):
+    T, k = ids.shape
+    E = gate.shape[0]
+    flat = ids.reshape(-1)  # [T*k]
+    order = jnp.argsort(flat, stable=True)
+    tokens = x[order // k]  # [T*k, D], grouped by expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = (jax.nn.silu(jax.lax.ragged_dot(tokens, gate, sizes))
+         * jax.lax.ragged_dot(tokens, up, sizes))
+    y = jax.lax.ragged_dot(h, down, sizes)  # [T*k, D]
+    y = jnp.zeros_like(y).at[order].set(y).reshape(T, k, -1)
+    return jnp.einsum('TkD,Tk->TD', y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+EXPERT_IMPLS = {'dense': experts_dense, 'gather': experts_gather, 'grouped': experts_grouped}
+
+
+def choose_impl(cfg: GlmConfig, num_tokens: int) -> str:
+    """Measured choice per backend (see benchmarks/): gather when the token-expert pairs
+    touch fewer experts than exist, else dense on CPU and grouped elsewhere."""
+    if num_tokens * cfg.num_experts_per_tok < cfg.n_routed_experts:
+        return 'gather'
+    return 'dense' if jax.default_backend() == 'cpu' else 'grouped'
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        # The router stays fp32 whatever the model dtype, as in the released checkpoints.
+        self.router = param(rngs, (D, E), ('embed', 'experts'), jnp.float32, std=ROUTER_STD)
+        self.router_bias = param(rngs, (E,), ('experts',), jnp.float32, init='zeros')
+        self.gate = param(rngs, (E, D, F), ('experts', 'embed', 'moe_mlp'), dtype)
+        self.up = param(rngs, (E, D, F), ('experts', 'embed', 'moe_mlp'), dtype)
+        self.down = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
+        self.shared = MLP(cfg, cfg.shared_intermediate_size, 'moe_mlp', dtype, rngs)
+
+    def __call__(self, x: jax.Array, impl: str | None = None) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, ids = route(self.cfg, flat, self.router[...], self.router_bias[...])
+        impl = impl or choose_impl(self.cfg, B * T)
+        routed = EXPERT_IMPLS[impl](flat, weights, ids, self.gate[...], self.up[...],
+                                    self.down[...])
+        return routed.reshape(B, T, D) + self.shared(x)

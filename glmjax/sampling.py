@@ -1,0 +1,37 @@
+"""Token sampling with per-row settings as arrays, so new settings never recompile."""
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per row: temperature 0 means greedy; top_k 0 and top_p 1 mean no cut."""
+    temperature: jax.Array  # [B] f32
+    top_k: jax.Array  # [B] i32
+    top_p: jax.Array  # [B] f32
+
+    @classmethod
+    def make(cls, batch: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0) -> 'SamplingParams':
+        return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
+                   top_k=jnp.full((batch,), top_k, jnp.int32),
+                   top_p=jnp.full((batch,), top_p, jnp.float32))
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """logits: fp32 [B, V] -> token ids [B] int32."""
+    V = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1] / t  # [B, V] descending
+    rank = jnp.arange(V)[None, :]
+    k = jnp.where(params.top_k > 0, params.top_k, V)[:, None]
+    probs = jax.nn.softmax(jnp.where(rank < k, sorted_logits, -jnp.inf), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (rank < k) & ((jnp.cumsum(probs, axis=-1) - probs) < params.top_p[:, None])
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    scaled = logits / t
+    sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
+    return jnp.where(params.temperature > 0, sampled.astype(jnp.int32), greedy)
