@@ -17,9 +17,13 @@ from glmjax.config import GlmConfig
 INIT_STD = 0.02
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
           init: str = 'normal', std: float = INIT_STD) -> nnx.Param:
+    """A parameter with its logical axes. With rngs None it is abstract (a ShapeDtypeStruct):
+    building a 355B-parameter tree that way costs nothing."""
     assert len(shape) == len(axes), (shape, axes)
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), axes=axes)
     if init == 'normal':
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     else:
@@ -28,7 +32,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, axis: str | None, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, axis: str | None, dtype, rngs: nnx.Rngs | None):
         self.eps = eps
         self.weight = param(rngs, (dim,), (axis,), dtype, init='ones')
 
@@ -62,7 +66,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs | None):
         self.cfg = cfg
         D, N, K, H = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                       cfg.head_dim)
@@ -130,7 +134,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
 class MLP(nnx.Module):
     """down(silu(gate(x)) * up(x)), no biases: the dense FFN and the shared expert."""
 
-    def __init__(self, cfg: GlmConfig, width: int, axis: str, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, width: int, axis: str, dtype, rngs: nnx.Rngs | None):
         D = cfg.hidden_size
         self.gate = param(rngs, (D, width), ('embed', axis), dtype)
         self.up = param(rngs, (D, width), ('embed', axis), dtype)

@@ -18,7 +18,7 @@ from glmjax.moe import MoE
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: GlmConfig, index: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, index: int, dtype, rngs: nnx.Rngs | None):
         D = cfg.hidden_size
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, 'embed', dtype, rngs)
         self.attn = Attention(cfg, dtype, rngs)
@@ -33,7 +33,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Glm(nnx.Module):
-    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs | None):
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ('vocab', 'embed'), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs)
@@ -60,7 +60,7 @@ class Mtp(nnx.Module):
     """Multi-token prediction: from the main model's final hidden state at position p and
     the token at p+1, predict the token at p+2. Reuses the main embedding and lm_head."""
 
-    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs | None):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, 'embed', dtype, rngs)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps, 'embed', dtype, rngs)
@@ -76,8 +76,9 @@ class Mtp(nnx.Module):
         return main.logits(self.head_norm(x)), kv
 
 
-def _build(cfg: GlmConfig, dtype, seed: int, mtp: bool) -> dict[str, nnx.Module]:
-    rngs = nnx.Rngs(seed)
+def _build(cfg: GlmConfig, dtype, seed: int | None, mtp: bool) -> dict[str, nnx.Module]:
+    """The modules; with seed None their parameters are abstract."""
+    rngs = None if seed is None else nnx.Rngs(seed)
     modules = {'model': Glm(cfg, dtype, rngs)}
     if mtp:
         modules['mtp'] = Mtp(cfg, dtype, rngs)
@@ -86,7 +87,7 @@ def _build(cfg: GlmConfig, dtype, seed: int, mtp: bool) -> dict[str, nnx.Module]
 
 @functools.lru_cache(maxsize=64)
 def _abstract(cfg: GlmConfig, dtype, mtp: bool):
-    modules = nnx.eval_shape(lambda: _build(cfg, dtype, 0, mtp))
+    modules = _build(cfg, dtype, None, mtp)
     return {name: nnx.split(m) for name, m in modules.items()}
 
 

@@ -83,7 +83,7 @@ def choose_impl(cfg: GlmConfig, num_tokens: int) -> str:
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs | None):
         self.cfg = cfg
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         # The router stays fp32 whatever the model dtype, as in the released checkpoints.
