@@ -40,6 +40,9 @@ def generate(cfg: GlmConfig, params: dict, prompts: list[list[int]], max_new_tok
         raise ValueError('generate needs at least one prompt, and no empty prompt')
     if max_new_tokens < 1:
         raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f'token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})')
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f'prompt of {longest} tokens + {max_new_tokens} new tokens exceeds '
