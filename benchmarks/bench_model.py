@@ -1,0 +1,175 @@
+"""Model throughput side by side with transformers, and bandwidth utilisation.
+
+  .venv/bin/python benchmarks/bench_model.py --config tiny --batches 1,8,32
+  .venv/bin/python benchmarks/bench_model.py --config small --batches 1,8,32
+  .venv/bin/python benchmarks/bench_model.py --config small --bandwidth_only
+
+Both engines get the same random weights (transformers builds the model, glmjax loads its
+save), the same prompts and greedy decoding of --new_tokens tokens. Prefill is timed as one
+forward over the prompts, decode as the remaining steps. Each figure is the median of
+--repeats runs, with min and max.
+"""
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, __file__.rsplit('/', 2)[0] + '/tests')
+
+_CONFIG = flags.DEFINE_enum('config', 'tiny', ['tiny', 'small'], 'model size')
+_BATCHES = flags.DEFINE_string('batches', '1,8,32', 'batch sizes')
+_PROMPT = flags.DEFINE_integer('prompt_len', 128, 'prompt tokens per row')
+_NEW = flags.DEFINE_integer('new_tokens', 128, 'generated tokens per row')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'runs per figure')
+_BW_ONLY = flags.DEFINE_bool('bandwidth_only', False, 'only the bandwidth figures')
+
+CONFIGS = {
+    'tiny': dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                 first_k_dense_replace=1),
+    'small': dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096,
+                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                  head_dim=64, moe_intermediate_size=512, n_routed_experts=32,
+                  num_experts_per_tok=4, first_k_dense_replace=1),
+}
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def fmt(tokens, t):
+    med, lo, hi = t
+    return f'{tokens / med:9.1f} ({tokens / hi:.1f}-{tokens / lo:.1f})'
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a large copy (read + write), the same way for every figure."""
+    x = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far above the caches
+    y = np.empty_like(x)
+    med, _, _ = timed(lambda: np.copyto(y, x), 7)
+    return 2 * x.nbytes / med
+
+
+def active_bytes(cfg, params, batch, seq) -> int:
+    """Bytes one decode step must read: attention, norms, dense MLPs, top-k + shared
+    experts and routers of each MoE layer, the lm_head, and the KV cache read."""
+    m = params['model']
+    size = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    total = size(m['lm_head']) + size(m['norm'])
+    for i, layer in m['layers'].items():
+        total += size(layer['attn']) + size(layer['attn_norm']) + size(layer['mlp_norm'])
+        mlp = layer['mlp']
+        if not cfg.is_moe_layer(i):
+            total += size(mlp)
+            continue
+        per_expert = (mlp['gate'].nbytes + mlp['up'].nbytes + mlp['down'].nbytes)
+        used = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok)
+        total += per_expert // cfg.n_routed_experts * used
+        total += size(mlp['shared']) + mlp['router'].nbytes + mlp['router_bias'].nbytes
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * seq * batch
+    return total + kv
+
+
+def main(argv):
+    del argv
+    import torch
+
+    import hf_tiny
+    from glmjax import GlmConfig, init_cache, load_hf, prefill
+    from glmjax.generate import _decode_loop
+    from glmjax.sampling import SamplingParams, sample
+
+    torch.set_num_threads(2)  # the same two cores XLA:CPU uses
+    model = hf_tiny.make_model(seed=0, **CONFIGS[_CONFIG.value])
+    with tempfile.TemporaryDirectory() as d:
+        hf_tiny.save(model, d)
+        cfg = GlmConfig.from_hf(d)
+        params = load_hf(d, cfg, dtype=jnp.float32)
+    cfg = dataclasses.replace(cfg, eos_token_ids=())
+    T, N, R = _PROMPT.value, _NEW.value, _REPEATS.value
+    bw = memory_bandwidth()
+    print(f'config {_CONFIG.value}: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, '
+          f'{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; '
+          f'prompt {T}, new tokens {N}; copy bandwidth {bw / 1e9:.1f} GB/s; '
+          f'backend {jax.default_backend()}, {R} runs each (median, min-max)')
+
+    def glm_run(B):
+        prompts = jnp.asarray(np.random.RandomState(B).randint(0, cfg.vocab_size, (B, T)),
+                              jnp.int32)
+        lengths = jnp.full((B,), T, jnp.int32)
+        sampling = SamplingParams.make(B)
+        state = {}
+
+        def do_prefill():
+            cache = init_cache(cfg, B, T + N, jnp.float32)
+            logits, cache = prefill(cfg, params, prompts, lengths, cache)
+            state['first'] = sample(logits, jax.random.key(0), sampling)
+            state['cache'] = cache
+            state['first'].block_until_ready()
+
+        def do_decode():
+            out, cache = _decode_loop(cfg, params, state['first'], state['cache'],
+                                      jax.random.key(1), N - 1, sampling)
+            out.block_until_ready()
+            do_prefill()  # decode donated the cache; refill outside the decode timing
+
+        do_prefill(), do_decode()  # compile
+        pre = timed(do_prefill, R)
+        dec_times = []
+        for _ in range(R):
+            start = time.perf_counter()
+            out, _ = _decode_loop(cfg, params, state['first'], state['cache'],
+                                  jax.random.key(1), N - 1, sampling)
+            out.block_until_ready()
+            dec_times.append(time.perf_counter() - start)
+            do_prefill()
+        dec = (statistics.median(dec_times), min(dec_times), max(dec_times))
+        return pre, dec
+
+    def hf_run(B):
+        prompts = torch.from_numpy(np.random.RandomState(B).randint(0, cfg.vocab_size, (B, T)))
+        with torch.no_grad():
+            pre = timed(lambda: model(prompts), R)
+            full = timed(lambda: model.generate(prompts, max_new_tokens=N, min_new_tokens=N,
+                                                do_sample=False, eos_token_id=None,
+                                                pad_token_id=0), R)
+        dec = tuple(f - pre[0] for f in full)  # generate = prefill + decode
+        return pre, dec
+
+    if _BW_ONLY.value:
+        _, dec = glm_run(1)
+        step = dec[0] / (N - 1)
+        need = active_bytes(cfg, params, 1, T + N // 2)
+        print(f'batch-1 decode: {step * 1e3:.2f} ms/step, {need / 1e6:.0f} MB read per step, '
+              f'{need / step / 1e9:.1f} GB/s = {need / step / bw:.0%} of copy bandwidth')
+        return
+    print(f'{"batch":>5} | {"prefill tok/s glmjax":>24} | {"transformers":>24} | ratio | '
+          f'{"decode tok/s glmjax":>24} | {"transformers":>24} | ratio')
+    for B in [int(b) for b in _BATCHES.value.split(',')]:
+        (gp, gd), (hp, hd) = glm_run(B), hf_run(B)
+        print(f'{B:>5} | {fmt(B * T, gp):>24} | {fmt(B * T, hp):>24} | {hp[0] / gp[0]:5.1f} | '
+              f'{fmt(B * (N - 1), gd):>24} | {fmt(B * (N - 1), hd):>24} | '
+              f'{hd[0] / gd[0]:5.1f}')
+        if B == 1:
+            step = gd[0] / (N - 1)
+            need = active_bytes(cfg, params, 1, T + N // 2)
+            print(f'      batch-1 decode reads {need / 1e6:.1f} MB/step: '
+                  f'{need / step / bw:.0%} of copy bandwidth')
+
+
+if __name__ == '__main__':
+    app.run(main)
