@@ -30,28 +30,32 @@ def forward(cfg: GlmConfig, params: dict, tokens: jax.Array) -> jax.Array:
     return merge(cfg, params).logits(hidden_states(cfg, params, tokens))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames='cache')
+@functools.partial(jax.jit, static_argnums=0, static_argnames='kv_len',
+                   donate_argnames='cache')
 def prefill(cfg: GlmConfig, params: dict, tokens: jax.Array, lengths: jax.Array,
-            cache: KVCache) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
     """Appends a right-padded chunk to each row of the cache.
 
     tokens: [B, T] int32; lengths: [B] real tokens per row (0 leaves a row untouched).
     Returns the logits after each row's last real token, fp32 [B, V], and the cache.
-    Calling it again continues the same rows (chunked prefill).
+    Calling it again continues the same rows (chunked prefill). `kv_len`, if given, must
+    bound cache.lengths + T for every row: attention then reads only that much of the cache.
     """
     model = merge(cfg, params)
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]
-    h, kv = model(tokens, positions, cache.layers())
+    h, kv = model(tokens, positions, cache.layers(), kv_len)
     last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache.replace_layers(kv, cache.lengths + lengths)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames='cache')
-def decode(cfg: GlmConfig, params: dict, tokens: jax.Array,
-           cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One step for every row: tokens [B] int32 -> fp32 logits [B, V] and the cache."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames='kv_len',
+                   donate_argnames='cache')
+def decode(cfg: GlmConfig, params: dict, tokens: jax.Array, cache: KVCache,
+           kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+    """One step for every row: tokens [B] int32 -> fp32 logits [B, V] and the cache.
+    `kv_len`, if given, must bound cache.lengths + 1: attention reads only that much."""
     model = merge(cfg, params)
-    h, kv = model(tokens[:, None], cache.lengths[:, None], cache.layers())
+    h, kv = model(tokens[:, None], cache.lengths[:, None], cache.layers(), kv_len)
     return model.logits(h[:, 0]), cache.replace_layers(kv, cache.lengths + 1)
 
 

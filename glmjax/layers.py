@@ -84,12 +84,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, cfg.rms_norm_eps, 'head_dim', dtype, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None):
+                 kv: tuple[jax.Array, jax.Array] | None = None, kv_len: int | None = None):
         """x: [B, T, D]; positions: [B, T] absolute positions of the new tokens.
 
         Without `kv` the keys are the T new tokens (a full causal forward). With `kv`
         ([B, S, K, H] each) the new keys are written at their positions and the queries
-        attend over the whole cache; a key is visible when its position is <= the query's.
+        attend over the cache; a key is visible when its position is <= the query's.
+        `kv_len` (static) bounds every row's length after this call: attention then reads
+        only the first kv_len cache positions instead of all S.
         Returns the output [B, T, D] and the updated kv (or None).
         """
         cfg = self.cfg
@@ -111,6 +113,8 @@ class Attention(nnx.Module):
             k = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode='drop')
             v = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode='drop')
             kv = (k, v)
+            if kv_len is not None:
+                k, v = k[:, :kv_len], v[:, :kv_len]
             key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
         visible = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), visible, cfg.head_dim ** -0.5)

@@ -26,8 +26,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(cfg, dtype, rngs) if cfg.is_moe_layer(index)
                     else MLP(cfg, cfg.intermediate_size, 'mlp', dtype, rngs))
 
-    def __call__(self, x, positions, kv=None):
-        h, kv = self.attn(self.attn_norm(x), positions, kv)
+    def __call__(self, x, positions, kv=None, kv_len=None):
+        h, kv = self.attn(self.attn_norm(x), positions, kv, kv_len)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -41,13 +41,13 @@ class Glm(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, 'embed', dtype, rngs)
         self.lm_head = param(rngs, (D, V), ('embed', 'vocab'), dtype)
 
-    def __call__(self, tokens, positions, kv=None):
-        """tokens, positions: [B, T]; kv: per-layer (k, v) or None.
+    def __call__(self, tokens, positions, kv=None, kv_len=None):
+        """tokens, positions: [B, T]; kv: per-layer (k, v) or None; kv_len: see Attention.
         Returns the final hidden states [B, T, D] (after the final norm) and the new kv."""
         x = self.embed[...][tokens]
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, positions, None if kv is None else kv[i])
+            x, layer_kv = layer(x, positions, None if kv is None else kv[i], kv_len)
             new_kv.append(layer_kv)
         return self.norm(x), (None if kv is None else new_kv)
 

@@ -85,3 +85,15 @@ def test_bf16_is_close_to_fp32(params):
     kl = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
     assert got.dtype == jnp.float32
     assert 0 < kl < 1e-3, kl
+
+
+def test_bounded_cache_read_changes_nothing(params):
+    seqs = sequences(2, 12, seed=4)
+    full = np.asarray(forward(CFG, params, jnp.asarray(seqs)))
+    cache = init_cache(CFG, 2, 64, jnp.float32)
+    logits, cache = prefill(CFG, params, jnp.asarray(seqs[:, :8]), jnp.array([8, 5]), cache,
+                            kv_len=16)
+    np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [7, 4]], rtol=0, atol=1e-5)
+    logits, cache = decode(CFG, params, jnp.asarray(seqs[[0, 1], [8, 5]]), cache, kv_len=16)
+    np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [8, 5]], rtol=0, atol=1e-5)
+    assert cache.k[0].shape[1] == 64  # the cache keeps its size; only the read is bounded
