@@ -1,0 +1,67 @@
+"""Prometheus metrics of the HTTP front, named like vLLM's with a `glmjax:` prefix."""
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, stats: Callable[[], dict[str, float]]):
+        self.stats = stats
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram('glmjax:time_to_first_token_seconds', 'Time to first token',
+                              buckets=_LATENCY, registry=r)
+        self.tpot = Histogram('glmjax:time_per_output_token_seconds',
+                              'Time per output token after the first', buckets=_LATENCY,
+                              registry=r)
+        self.e2e = Histogram('glmjax:e2e_request_latency_seconds', 'End-to-end latency',
+                             buckets=_LATENCY, registry=r)
+        self.queue = Histogram('glmjax:request_queue_time_seconds', 'Time waiting for a slot',
+                               buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter('glmjax:prompt_tokens', 'Prompt tokens processed',
+                                     registry=r)
+        self.generation_tokens = Counter('glmjax:generation_tokens', 'Tokens generated',
+                                         registry=r)
+        self.running = Gauge('glmjax:num_requests_running', 'Requests in decode slots',
+                             registry=r)
+        self.waiting = Gauge('glmjax:num_requests_waiting', 'Requests queued', registry=r)
+        self.kv_usage = Gauge('glmjax:kv_cache_usage_perc', 'KV-cache use, 0 to 1',
+                              registry=r)
+
+    def render(self) -> bytes:
+        s = self.stats()
+        self.running.set(s.get('running', 0))
+        self.waiting.set(s.get('waiting', 0))
+        self.kv_usage.set(s.get('kv_cache_usage', 0))
+        return generate_latest(self.registry)
+
+    async def track(self, events: AsyncIterator, n_prompt: int) -> AsyncIterator:
+        """Passes events through, timing them."""
+        start = time.perf_counter()
+        first, n = None, 0
+        self.prompt_tokens.inc(n_prompt)
+        async for e in events:
+            if e.queue_time is not None:
+                self.queue.observe(e.queue_time)
+            if e.token_ids and first is None:
+                first = time.perf_counter()
+                self.ttft.observe(first - start)
+            n += len(e.token_ids)
+            self.generation_tokens.inc(len(e.token_ids))
+            yield e
+        end = time.perf_counter()
+        self.e2e.observe(end - start)
+        if first is not None and n > 1:
+            self.tpot.observe((end - first) / (n - 1))

@@ -1,0 +1,86 @@
+"""Request bodies of the OpenAI/Together-compatible HTTP API, validated by pydantic.
+
+Unknown fields are ignored (clients send many); wrong types and out-of-range values are
+400s that name the field. Field ranges follow the OpenAI and Together documentation.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra='ignore')
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Reasoning(_Body):
+    enabled: bool = True
+
+
+class Sampling(_Body):
+    """Fields shared by chat and text completions."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra='allow')  # rendered into the prompt as given
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra='allow')
+    type: Literal['function'] = 'function'
+    function: FunctionDef
+
+
+class ChatRequest(Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal['none', 'auto', 'required'] | dict[str, Any] | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | int | None = None  # OpenAI: bool with top_logprobs; Together: int
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning: Reasoning | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal['float', 'base64'] = 'float'
+
+
+class RerankRequest(_Body):
+    model: str | None = None
+    query: str = Field(min_length=1)
+    documents: list[str] | list[dict[str, Any]] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    rank_fields: list[str] | None = None

@@ -1,0 +1,19 @@
+"""Fuzzing the HTTP API from its own OpenAPI spec: no input makes the server fail (5xx)."""
+
+import os
+
+import hypothesis
+import schemathesis
+from fake_backend import FakeBackend
+from schemathesis.checks import not_a_server_error
+
+from serving.openai_api import make_app
+
+schema = schemathesis.openapi.from_asgi('/openapi.json', make_app(FakeBackend()))
+
+
+@schema.parametrize()
+@hypothesis.settings(max_examples=int(os.environ.get('FUZZ_EXAMPLES', 30)), deadline=None,
+                     derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
+def test_no_server_error(case):
+    case.call_and_validate(checks=[not_a_server_error])
