@@ -42,6 +42,7 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
+    ignore_eos: bool = False
 
 
 @dataclasses.dataclass
@@ -278,7 +279,8 @@ def _gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_tok
         repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=bias, stop=[s for s in stop if s], logprobs=logprobs)
+        logit_bias=bias, stop=[s for s in stop if s], logprobs=logprobs,
+        ignore_eos=body.ignore_eos)
     return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + i)
             for i in range(body.n)]
 

@@ -38,6 +38,7 @@ class Sampling(_Body):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks with fixed output lengths
 
 
 class FunctionDef(BaseModel):
