@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from glmjax import compile_cache
 from glmjax.config import GlmConfig
 from glmjax.generate import generate
 from glmjax.model import init_params
@@ -31,6 +32,7 @@ def tiny_glm46() -> GlmConfig:
 
 def main(argv):
     del argv
+    compile_cache.enable()
     cfg = tiny_glm46()
     params = init_params(cfg, jnp.float32, seed=_SEED.value)
     prompt = [int(t) for t in FLAGS.value.split(',') if t.strip()]
