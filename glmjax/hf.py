@@ -5,19 +5,26 @@ parameter's own declaration (shape, logical axes) is the check. Linear weights a
 [out, in] by torch and [in..., out...] here. Routed experts are one tensor per expert in
 the published checkpoints and fused (`experts.gate_up_proj [E, 2F, D]`, gate rows first,
 `experts.down_proj [E, D, F]`) in transformers 5.x saves; both are read.
+
+Quantized weights (FP8 E4M3/E5M2 or int8) are dequantized while reading, the scale applied
+in fp32: a `<name>_scale` of shape [..., out, 1] (compressed-tensors, per output channel) or
+[] (per tensor), or a `<name>_scale_inv` with one value per block of 128x128 (DeepSeek style;
+the block size comes from config.json's `quantization_config.weight_block_size` when present).
+Scales (and activation `input_scale`s, unused here) are consumed, not "unexpected".
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 so safetensors can read it into numpy)
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from glmjax.config import GlmConfig
 from glmjax.model import abstract_params, has_mtp
@@ -147,9 +154,18 @@ def hf_tensor_shapes(cfg: GlmConfig, mtp: bool | None = None) -> dict[str, tuple
     return out
 
 
+# safetensors dtype names -> numpy. Quantized weights need a scale next to them.
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+           'BF16': ml_dtypes.bfloat16, 'F8_E4M3': ml_dtypes.float8_e4m3fn,
+           'F8_E5M2': ml_dtypes.float8_e5m2, 'I8': np.int8}
+QUANTIZED = ('F8_E4M3', 'F8_E5M2', 'I8')
+DEFAULT_BLOCK = (128, 128)
+
+
 class SafetensorsDir:
     """The tensors of a checkpoint directory (one file, or shards with an index), read
-    lazily: only headers are read up front."""
+    lazily: only headers are read up front; each tensor is read with one positioned read
+    (no mmap, so the memory in use is what has been read and not yet freed)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -171,20 +187,24 @@ class SafetensorsDir:
         self.files: dict[str, str] = {}  # tensor name -> file
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}  # absolute [start, end) in the file
         for file in files:
-            for name, (shape, dtype) in self._header(file).items():
+            for name, (shape, dtype, offsets) in self._header(file).items():
                 if name in self.files:
                     raise CheckpointError(f'tensor {name} is in both {self.files[name]} '
                                           f'and {file}')
                 self.files[name], self.shapes[name], self.dtypes[name] = file, shape, dtype
+                self.offsets[name] = offsets
         if weight_map is not None:
             for name, file in weight_map.items():
                 if self.files.get(name) != file:
                     raise CheckpointError(f'index says tensor {name} is in {file}, '
                                           f'but {file} has no such tensor')
-        self._open: dict[str, object] = {}
+        self.block = quant_block_size(self.path)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def _header(self, file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _header(self, file: str) -> dict[str, tuple]:
         full = os.path.join(self.path, file)
         if not os.path.exists(full):
             raise CheckpointError(f'{full} is listed in the index but does not exist')
@@ -199,26 +219,108 @@ class SafetensorsDir:
         for name, info in header.items():
             if name == '__metadata__':
                 continue
-            if info['data_offsets'][1] + 8 + n > size:
+            shape, dtype = tuple(info['shape']), info['dtype']
+            start, end = info['data_offsets']
+            if dtype not in _DTYPES:
+                raise CheckpointError(f'{full}: tensor {name} has dtype {dtype}; supported: '
+                                      f'{", ".join(_DTYPES)}')
+            if end - start != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+                raise CheckpointError(f'{full}: tensor {name} is {end - start} bytes, but '
+                                      f'{dtype} {list(shape)} needs a different size')
+            if end + 8 + n > size:
                 raise CheckpointError(f'{full} is truncated: tensor {name} ends past the end '
                                       'of the file')
-            out[name] = (tuple(info['shape']), info['dtype'])
+            out[name] = (shape, dtype, (start + 8 + n, end + 8 + n))
+        return out
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.offsets[name]
+        return end - start
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (no dequantization). Safe to call from several threads."""
+        file = self.files[name]
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(os.path.join(self.path, file), os.O_RDONLY)
+        out = np.empty(self.shapes[name], _DTYPES[self.dtypes[name]])
+        buf, start = out.reshape(-1).view(np.uint8), self.offsets[name][0]
+        done = 0
+        try:
+            while done < len(buf):  # a single read returns at most about 2 GB
+                n = os.preadv(self._fds[file], [buf[done:]], start + done)
+                if n == 0:
+                    raise OSError(f'file ends after {start + done} bytes')
+                done += n
+        except OSError as e:
+            raise CheckpointError(f'{file}: cannot read tensor {name}: {e}') from None
         return out
 
     def read(self, name: str) -> np.ndarray:
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.path, file), framework='np')
-        try:
-            return self._open[file].get_tensor(name)
-        except Exception as e:  # safetensors raises several types on corrupt data
-            raise CheckpointError(f'{file}: cannot read tensor {name}: {e}') from None
+        """The tensor, dequantized to fp32 if it is stored quantized."""
+        if self.dtypes[name] not in QUANTIZED:
+            return self.read_raw(name)
+        scale_name, layout = quant_scale(self, name)
+        return dequantize(self.read_raw(name), self.read_raw(scale_name), layout, self.block)
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 
-def _plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]:
-    """Checks every name and shape before anything is read. Returns path -> (how, names)."""
+def quant_block_size(path: str) -> tuple[int, int]:
+    """The [out, in] block of block-wise scales, from config.json if it says."""
+    try:
+        with open(os.path.join(path, 'config.json')) as f:
+            quant = json.load(f).get('quantization_config') or {}
+    except (OSError, ValueError):
+        return DEFAULT_BLOCK
+    return tuple(quant.get('weight_block_size') or DEFAULT_BLOCK)
+
+
+def quant_scale(ckpt: SafetensorsDir, name: str) -> tuple[str, str]:
+    """The scale tensor of a quantized weight and its layout: 'channel', 'tensor' or
+    'block'. Raises CheckpointError naming the weight if it has no usable scale."""
+    shape = ckpt.shapes[name]
+    if name + '_scale' in ckpt.shapes:
+        scale = ckpt.shapes[name + '_scale']
+        if scale in ((), (1,)):
+            return name + '_scale', 'tensor'
+        if scale == shape[:-1] + (1,):
+            return name + '_scale', 'channel'
+        raise CheckpointError(f'{ckpt.files[name]}: scale {name}_scale is {scale}; for '
+                              f'{name} {shape} expected {shape[:-1] + (1,)} or ()')
+    if name + '_scale_inv' in ckpt.shapes:
+        bo, bi = ckpt.block
+        expected = shape[:-2] + (-(-shape[-2] // bo), -(-shape[-1] // bi))
+        scale = ckpt.shapes[name + '_scale_inv']
+        if scale != expected:
+            raise CheckpointError(f'{ckpt.files[name]}: scale {name}_scale_inv is {scale}; '
+                                  f'{bo}x{bi} blocks of {name} {shape} need {expected}')
+        return name + '_scale_inv', 'block'
+    raise CheckpointError(f'{ckpt.files[name]}: tensor {name} is {ckpt.dtypes[name]} but has '
+                          f'no {name}_scale or {name}_scale_inv to dequantize it with')
+
+
+def dequantize(w: np.ndarray, scale: np.ndarray, layout: str,
+               block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
+    """fp32 weight = fp32(w) * fp32(scale), the scale broadcast per channel or block."""
+    scale = scale.astype(np.float32)
+    if layout == 'block':
+        out, inp = w.shape[-2:]
+        scale = np.repeat(np.repeat(scale, block[0], axis=-2), block[1], axis=-1)
+        scale = scale[..., :out, :inp]
+    elif layout == 'tensor':
+        scale = scale.reshape(())
+    return w.astype(np.float32) * scale
+
+
+def plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]:
+    """Checks every name and shape before anything is read. Returns path -> (how, what),
+    the arguments of `read_param`; `source_names(how, what)` lists the tensors it reads."""
     shapes = _flatten(abstract_params(cfg, mtp=mtp))
-    plan, missing, misshaped, used = {}, [], [], set()
+    todo, missing, misshaped, used = {}, [], [], set()
 
     def check(name: str, expected: tuple[int, ...]) -> bool:
         if name not in ckpt.shapes:
@@ -226,8 +328,17 @@ def _plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]
             return False
         used.add(name)
         if ckpt.shapes[name] != expected:
-            misshaped.append(f'{name}: {ckpt.shapes[name]}, expected {expected}')
+            misshaped.append(f'{name} (in {ckpt.files[name]}): {ckpt.shapes[name]}, '
+                             f'expected {expected}')
             return False
+        if ckpt.dtypes[name] in QUANTIZED:
+            try:
+                used.add(quant_scale(ckpt, name)[0])
+            except CheckpointError as e:
+                misshaped.append(str(e))
+                return False
+            # A static activation scale: glmjax computes in the model dtype, so unused.
+            used.add(name.removesuffix('weight') + 'input_scale')
         return True
 
     for path, src in sources(cfg, mtp).items():
@@ -236,19 +347,22 @@ def _plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]
             fused_name, part = src.fused
             E, F, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
             check(fused_name, (E, 2 * F, D) if part != 'down' else (E, D, F))
-            plan[path] = ('fused', (fused_name, part))
+            todo[path] = ('fused', (fused_name, part))
         elif '{e}' in src.name:
             names = [src.name.format(e=e) for e in range(cfg.n_routed_experts)]
             for name in names:
                 check(name, hf_shape(src, shape))
-            plan[path] = ('experts', names)
+            todo[path] = ('experts', names)
         else:
             check(src.name, hf_shape(src, shape))
-            plan[path] = ('linear' if src.n_in else 'same', src.name)
+            todo[path] = ('linear' if src.n_in else 'same', src.name)
     ignored = set(mtp_ignored_names(cfg)) if mtp else set()
-    unexpected = sorted(set(ckpt.shapes) - used - ignored)
+    used &= set(ckpt.shapes)
+    unexpected = [f'{name} (in {ckpt.files[name]})'
+                  for name in sorted(set(ckpt.shapes) - used - ignored)]
     problems = []
-    for label, items in (('missing tensors', missing), ('mis-shaped tensors', misshaped),
+    for label, items in (('missing tensors', missing),
+                         ('mis-shaped or unscaled tensors', misshaped),
                          ('unexpected tensors', unexpected)):
         if items:
             shown = '\n  '.join(items[:20]) + ('' if len(items) <= 20 else
@@ -257,7 +371,7 @@ def _plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]
     if problems:
         raise CheckpointError(f'checkpoint {ckpt.path} does not match the config:\n'
                               + '\n'.join(problems))
-    return plan
+    return todo
 
 
 def checkpoint_has_mtp(cfg: GlmConfig, ckpt: SafetensorsDir) -> bool:
@@ -273,20 +387,41 @@ def checkpoint_has_mtp(cfg: GlmConfig, ckpt: SafetensorsDir) -> bool:
     return found
 
 
-def read_param(ckpt: SafetensorsDir, how: str, what, shape: tuple[int, ...]) -> np.ndarray:
-    """Reads and re-lays one parameter from its HF tensor(s)."""
-    if how == 'same':
-        return ckpt.read(what).reshape(shape)
-    if how == 'linear':
-        return ckpt.read(what).T.reshape(shape)
+def source_names(how: str, what) -> list[str]:
+    """The HF tensors (scales aside) one `plan` entry reads."""
     if how == 'experts':
-        return np.stack([ckpt.read(name).T for name in what]).reshape(shape)
+        return list(what)
+    return [what[0] if how == 'fused' else what]
+
+
+def read_param(ckpt: SafetensorsDir, how: str, what, shape: tuple[int, ...], dtype,
+               workers: int = 1) -> np.ndarray:
+    """Reads and re-lays one parameter from its HF tensor(s) into a C-contiguous `dtype`
+    array. Per-expert tensors go straight into the stacked array, `workers` at a time, so
+    that the peak is the stacked array plus one expert per worker."""
+    if how == 'same':
+        return np.ascontiguousarray(ckpt.read(what).reshape(shape), dtype=dtype)
+    if how == 'linear':
+        return np.ascontiguousarray(ckpt.read(what).T.reshape(shape), dtype=dtype)
+    if how == 'experts':
+        out = np.empty(shape, dtype)
+
+        def fill(e: int):
+            out[e] = ckpt.read(what[e]).T.reshape(shape[1:])
+
+        if workers > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fill, range(len(what))))
+        else:
+            for e in range(len(what)):
+                fill(e)
+        return out
     name, part = what
     t = ckpt.read(name)
     if part != 'down':
         F = t.shape[1] // 2
         t = t[:, :F] if part == 'gate' else t[:, F:]
-    return np.ascontiguousarray(t.transpose(0, 2, 1))
+    return np.ascontiguousarray(t.transpose(0, 2, 1), dtype=dtype)
 
 
 def load_hf(path: str | os.PathLike, cfg: GlmConfig, dtype=jnp.bfloat16,
@@ -299,12 +434,15 @@ def load_hf(path: str | os.PathLike, cfg: GlmConfig, dtype=jnp.bfloat16,
     """
     ckpt = SafetensorsDir(path)
     mtp = checkpoint_has_mtp(cfg, ckpt)
-    plan = _plan(cfg, ckpt, mtp)
+    todo = plan(cfg, ckpt, mtp)
     abstract = _flatten(abstract_params(cfg, dtype, mtp=mtp))
     flat_shardings = _flatten(shardings) if shardings is not None else {}
     out = {}
-    for path, (how, what) in plan.items():
-        target = abstract[path]
-        value = read_param(ckpt, how, what, target.shape).astype(target.dtype)
-        out[path] = jax.device_put(value, flat_shardings.get(path))
+    try:
+        for path, (how, what) in todo.items():
+            target = abstract[path]
+            value = read_param(ckpt, how, what, target.shape, target.dtype)
+            out[path] = jax.device_put(value, flat_shardings.get(path))
+    finally:
+        ckpt.close()
     return _unflatten(out)
