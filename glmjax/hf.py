@@ -74,7 +74,9 @@ def _layer_sources(cfg: GlmConfig, i: int) -> dict[tuple, Source]:
         mlp = {('mlp', 'router'): Source(p + 'mlp.gate.weight', 1),
                ('mlp', 'router_bias'): Source(p + 'mlp.gate.e_score_correction_bias')}
         for w in ('gate', 'up', 'down'):
-            mlp['mlp', w] = Source(f'{p}mlp.experts.{{e}}.{w}_proj.weight', 1,
+            # Experts are [E, F, D] here: gate/up keep HF's [out, in], down is transposed.
+            mlp['mlp', w] = Source(f'{p}mlp.experts.{{e}}.{w}_proj.weight',
+                                   1 if w == 'down' else None,
                                    fused=(f'{p}mlp.experts.{fused[w]}', w))
             mlp['mlp', 'shared', w] = Source(f'{p}mlp.shared_experts.{w}_proj.weight', 1)
     return {**attn, **mlp}
@@ -352,7 +354,7 @@ def plan(cfg: GlmConfig, ckpt: SafetensorsDir, mtp: bool) -> dict[tuple, tuple]:
             names = [src.name.format(e=e) for e in range(cfg.n_routed_experts)]
             for name in names:
                 check(name, hf_shape(src, shape))
-            todo[path] = ('experts', names)
+            todo[path] = ('experts_linear' if src.n_in else 'experts', names)
         else:
             check(src.name, hf_shape(src, shape))
             todo[path] = ('linear' if src.n_in else 'same', src.name)
@@ -389,7 +391,7 @@ def checkpoint_has_mtp(cfg: GlmConfig, ckpt: SafetensorsDir) -> bool:
 
 def source_names(how: str, what) -> list[str]:
     """The HF tensors (scales aside) one `plan` entry reads."""
-    if how == 'experts':
+    if how in ('experts', 'experts_linear'):
         return list(what)
     return [what[0] if how == 'fused' else what]
 
@@ -403,11 +405,12 @@ def read_param(ckpt: SafetensorsDir, how: str, what, shape: tuple[int, ...], dty
         return np.ascontiguousarray(ckpt.read(what).reshape(shape), dtype=dtype)
     if how == 'linear':
         return np.ascontiguousarray(ckpt.read(what).T.reshape(shape), dtype=dtype)
-    if how == 'experts':
+    if how in ('experts', 'experts_linear'):
         out = np.empty(shape, dtype)
 
         def fill(e: int):
-            out[e] = ckpt.read(what[e]).T.reshape(shape[1:])
+            t = ckpt.read(what[e])
+            out[e] = (t.T if how == 'experts_linear' else t).reshape(shape[1:])
 
         if workers > 1:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -418,10 +421,10 @@ def read_param(ckpt: SafetensorsDir, how: str, what, shape: tuple[int, ...], dty
         return out
     name, part = what
     t = ckpt.read(name)
-    if part != 'down':
-        F = t.shape[1] // 2
-        t = t[:, :F] if part == 'gate' else t[:, F:]
-    return np.ascontiguousarray(t.transpose(0, 2, 1), dtype=dtype)
+    if part == 'down':  # [E, D, F] -> [E, F, D]
+        return np.ascontiguousarray(t.transpose(0, 2, 1), dtype=dtype)
+    F = t.shape[1] // 2  # gate_up [E, 2F, D], gate rows first
+    return np.ascontiguousarray(t[:, :F] if part == 'gate' else t[:, F:], dtype=dtype)
 
 
 def load_hf(path: str | os.PathLike, cfg: GlmConfig, dtype=jnp.bfloat16,

@@ -111,7 +111,7 @@ def abstract_params(cfg: GlmConfig, dtype=jnp.bfloat16, mtp: bool | None = None)
 
 
 def param_axes(cfg: GlmConfig, mtp: bool | None = None) -> dict:
-    """The same tree with each leaf's logical axes, e.g. ('experts', 'embed', 'moe_mlp')."""
+    """The same tree with each leaf's logical axes, e.g. ('experts', 'moe_mlp', 'embed')."""
     mtp = has_mtp(cfg) if mtp is None else mtp
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     return {name: nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()['axes'], state,

@@ -42,19 +42,31 @@ def route(cfg: GlmConfig, x: jax.Array, router: jax.Array, bias: jax.Array):
 
 
 def experts_dense(x, weights, ids, gate, up, down):
-    """x: [T, D]; weights, ids: [T, k]; gate, up: [E, D, F]; down: [E, F, D]."""
-    T, E = x.shape[0], gate.shape[0]
+    """x: [T, D]; weights, ids: [T, k]; gate, up, down: [E, F, D].
+
+    All experts as two large matmuls over the flattened [E*F, D] weights (one pass over
+    memory), each expert's hidden units scaled by its combine weight (0 for the unchosen).
+    """
+    T = x.shape[0]
+    E, F, D = gate.shape
     combine = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], ids].add(weights)
-    h = jax.nn.silu(jnp.einsum('TD,EDF->TEF', x, gate)) * jnp.einsum('TD,EDF->TEF', x, up)
-    y = jnp.einsum('TEF,EFD->TED', h, down)
-    return jnp.einsum('TED,TE->TD', y.astype(jnp.float32), combine).astype(x.dtype)
+    h = (jax.nn.silu(x @ gate.reshape(E * F, D).T) * (x @ up.reshape(E * F, D).T))
+    h = (h.reshape(T, E, F) * combine[:, :, None].astype(h.dtype)).reshape(T, E * F)
+    return h @ down.reshape(E * F, D)
 
 
 def experts_gather(x, weights, ids, gate, up, down):
-    h = (jax.nn.silu(jnp.einsum('TD,TkDF->TkF', x, gate[ids]))
-         * jnp.einsum('TD,TkDF->TkF', x, up[ids]))
-    y = jnp.einsum('TkF,TkFD->TkD', h, down[ids])
-    return jnp.einsum('TkD,Tk->TD', y.astype(jnp.float32), weights).astype(x.dtype)
+    """Token by token, only the k chosen experts' weights are read: [k*F, D] matrices."""
+    _, F, D = gate.shape
+
+    def one(args):
+        x, w, ids = args
+        k = ids.shape[0]
+        h = (jax.nn.silu(gate[ids].reshape(k * F, D) @ x) * (up[ids].reshape(k * F, D) @ x))
+        h = (h.reshape(k, F) * w[:, None].astype(h.dtype)).reshape(k * F)
+        return h @ down[ids].reshape(k * F, D)
+
+    return jax.lax.map(one, (x, weights, ids))
 
 
 def experts_grouped(x, weights, ids, gate, up, down):
@@ -64,11 +76,15 @@ def experts_grouped(x, weights, ids, gate, up, down):
     order = jnp.argsort(flat, stable=True)
     tokens = x[order // k]  # [T*k, D], grouped by expert
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = (jax.nn.silu(jax.lax.ragged_dot(tokens, gate, sizes))
-         * jax.lax.ragged_dot(tokens, up, sizes))
+    # gate/up are [E, F, D]: contract the tokens' D with the weights' last dim.
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[0])
+    h = (jax.nn.silu(jax.lax.ragged_dot_general(tokens, gate, sizes, dims))
+         * jax.lax.ragged_dot_general(tokens, up, sizes, dims))
+    h = h * weights.reshape(-1)[order][:, None].astype(h.dtype)
     y = jax.lax.ragged_dot(h, down, sizes)  # [T*k, D]
-    y = jnp.zeros_like(y).at[order].set(y).reshape(T, k, -1)
-    return jnp.einsum('TkD,Tk->TD', y.astype(jnp.float32), weights).astype(x.dtype)
+    return jax.ops.segment_sum(y, order // k, num_segments=T)
 
 
 EXPERT_IMPLS = {'dense': experts_dense, 'gather': experts_gather, 'grouped': experts_grouped}
@@ -89,8 +105,9 @@ class MoE(nnx.Module):
         # The router stays fp32 whatever the model dtype, as in the released checkpoints.
         self.router = param(rngs, (D, E), ('embed', 'experts'), jnp.float32, std=ROUTER_STD)
         self.router_bias = param(rngs, (E,), ('experts',), jnp.float32, init='zeros')
-        self.gate = param(rngs, (E, D, F), ('experts', 'embed', 'moe_mlp'), dtype)
-        self.up = param(rngs, (E, D, F), ('experts', 'embed', 'moe_mlp'), dtype)
+        # [E, F, D] for all three, so that the experts flatten to [E*F, D] matrices.
+        self.gate = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
+        self.up = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
         self.down = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
         self.shared = MLP(cfg, cfg.shared_intermediate_size, 'moe_mlp', dtype, rngs)
 

@@ -83,7 +83,7 @@ def test_round_trip_from_sharded_input_matches_transformers(tiny):
         (hf / 'config.json').read_text())
     assert (out / 'generation_config.json').exists()
     assert sorted(manifest['items']) == ['layer_000', 'layer_001', 'layer_002', 'model']
-    assert manifest['items']['layer_001']['mlp.gate']['shape'] == [8, 64, 32]
+    assert manifest['items']['layer_001']['mlp.gate']['shape'] == [8, 32, 64]  # [E, F, D]
     assert manifest['mtp'] is None and manifest['quantization'] is None
 
 

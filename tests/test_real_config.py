@@ -93,6 +93,6 @@ def test_every_parameter_names_its_axes():
                     jax.tree.leaves(shapes)):
         assert len(a) == len(s.shape)
     layer = axes['model']['layers'][5]
-    assert layer['mlp']['gate'] == ('experts', 'embed', 'moe_mlp')
+    assert layer['mlp']['gate'] == ('experts', 'moe_mlp', 'embed')
     assert layer['attn']['k'] == ('embed', 'kv_heads', 'head_dim')
     assert axes['model']['embed'] == ('vocab', 'embed')
