@@ -1,0 +1,108 @@
+"""The engine behind the HTTP API: the same orchestrator (slots, queue, threads) that serves
+gRPC, seen as the async `Backend` that serving/openai_api.py talks to."""
+
+import asyncio
+import functools
+import random
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glmjax.config import GlmConfig
+from glmjax.generate import bucket
+from glmjax.inference import hidden_states
+from serving.chat import ChatTemplate
+from serving.engine import MAX_STOP_IDS, SlotSettings
+from serving.openai_api import ApiError, GenEvent, GenRequest, TokenLogprob
+from serving.orchestrator import Draining, Orchestrator, QueueFull, Request
+from serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from serving.tokenizer import Tokenizer
+
+
+class EngineBackend:
+    def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer, cfg: GlmConfig,
+                 params: dict, model_name: str, max_seq_len: int, chat_template: ChatTemplate,
+                 ready=lambda: True):
+        self.orchestrator, self.tokenizer, self.cfg, self.params = (
+            orchestrator, tokenizer, cfg, params)
+        self.model_name, self.max_context, self.chat_template = (
+            model_name, max_seq_len, chat_template)
+        self.vocab_size = cfg.vocab_size
+        self.ready = ready
+        self._embed_lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _request(self, r: GenRequest) -> Request:
+        stop_ids = () if r.ignore_eos else tuple(self.cfg.eos_token_ids)[:MAX_STOP_IDS]
+        if len(r.logit_bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f'logit_bias has {len(r.logit_bias)} entries; at most '
+                           f'{MAX_LOGIT_BIAS}', 'logit_bias')
+        settings = SlotSettings(
+            max_new=r.max_tokens, stop_ids=stop_ids, temperature=r.temperature, top_k=r.top_k,
+            top_p=r.top_p, min_p=r.min_p, repetition_penalty=r.repetition_penalty,
+            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+            seed=random.getrandbits(32) if r.seed is None else r.seed % 2**32,
+            logit_bias=tuple(sorted(r.logit_bias.items())))
+        top = 0 if r.logprobs is None else min(r.logprobs, TOP_LOGPROBS)
+        return Request(r.prompt_ids, settings, self.tokenizer, tuple(r.stop), top)
+
+    async def generate(self, r: GenRequest):
+        req = self._request(r)
+        try:
+            self.orchestrator.submit(req)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code='queue_full', kind='rate_limit_error') from None
+        except Draining as e:
+            raise ApiError(503, str(e), kind='unavailable') from None
+        try:
+            while True:
+                chunk = await asyncio.to_thread(req.out.get)
+                if chunk.finish_reason == 'error':
+                    raise ApiError(503, f'the engine failed: {chunk.stop_reason}',
+                                   kind='server_error')
+                logprobs = None
+                if r.logprobs is not None:
+                    logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in
+                                zip(chunk.token_ids, chunk.logprobs, chunk.top)]
+                finish = chunk.finish_reason if chunk.finish_reason in ('stop', 'length') \
+                    else None if chunk.finish_reason is None else 'stop'
+                yield GenEvent(chunk.token_ids, chunk.text, logprobs, finish)
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            req.cancel()  # a client that left frees its slot at the next step
+
+    async def embed(self, prompts: list[list[int]]) -> np.ndarray:
+        return await asyncio.to_thread(self._embed, prompts)
+
+    def _embed(self, prompts: list[list[int]]) -> np.ndarray:
+        """Mean of the final hidden states over each prompt's tokens, L2-normalised."""
+        T = bucket(max(len(p) for p in prompts))
+        tokens = np.zeros((len(prompts), T), np.int32)
+        mask = np.zeros((len(prompts), T, 1), np.float32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
+        with self._embed_lock:  # one embedding batch at a time beside the engine
+            h = _pooled(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(mask))
+        return np.asarray(h)
+
+    def stats(self) -> dict[str, float]:
+        s = self.orchestrator.stats()
+        slots = s['busy_slots'] + s['free_slots']
+        return {'running': s['busy_slots'], 'waiting': s['queued'],
+                'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(cfg, params, tokens, mask):
+    # Causal attention: right padding never changes the real tokens' states.
+    h = hidden_states(cfg, params, tokens).astype(jnp.float32)
+    pooled = (h * mask).sum(1) / mask.sum(1)
+    return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)

@@ -1,0 +1,306 @@
+"""The orchestrator: owns the request queue, the decode slots and two threads.
+
+    gRPC handler threads (one per RPC)
+        |  submit(Request): already validated and tokenized. Bounded: when busy slots plus
+        |  waiting requests reach max_batch + max_queue, QueueFull at once.
+        v
+    pending deque (lock + condition)
+        |
+    engine thread (the only thread that calls the Engine) --------> device
+        loop: free the slots of finished, cancelled and expired requests   (engine.free)
+              admit waiting requests into free slots          (engine.prefill, .insert)
+              dispatch engine.generate(): steps_per_call tokens for every slot, async
+              fetch the PREVIOUS call's tokens: the device is already running the next
+              call, so the host trails by one call and never stalls the device loop
+        |  (request, tokens, logprobs) items
+        v
+    detokenize queue (unbounded: the engine thread never waits on it)
+        |
+    detokenize thread
+        per request: stop token ids, incremental detokenizer, stop strings, max_tokens;
+        puts Chunks on the request's own output queue; a finished request's slot is freed
+        by the engine thread at its next iteration
+        v
+    request.out queue -> its gRPC handler thread streams each Chunk as a response
+
+Cancellation (client gone, deadline passed) only sets a flag on the request; the engine
+thread frees its slot, or drops it from the queue, at its next iteration.
+"""
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+
+from serving.engine import Engine, SlotSettings, StepOutput
+from serving.stops import StopMatcher
+from serving.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What one response carries: the tokens of one engine call for one request."""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ''
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # 'stop', 'length', 'cancelled' or 'error'
+    stop_reason: str = ''  # the stop string or token id; the error message for 'error'
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Request:
+    def __init__(self, prompt: list[int], settings: SlotSettings, tokenizer: Tokenizer,
+                 stop_strings: tuple[str, ...] = (), top_logprobs: int = 0,
+                 deadline: float | None = None):
+        self.prompt, self.settings, self.top_logprobs = prompt, settings, top_logprobs
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.out: queue.Queue[Chunk] = queue.Queue()
+        self.cancelled = False
+        self.device_done = False  # the device stopped this slot (stop id or max_new)
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        # Used by the detokenize thread only.
+        self.stop_ids = frozenset(settings.stop_ids)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt)
+        self.stops = StopMatcher(list(stop_strings))
+        self._lock = threading.Lock()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+    def emit(self, chunk: Chunk) -> bool:
+        """Queues a chunk unless the request already finished; a chunk with a finish
+        reason finishes it. Returns whether the chunk went out."""
+        with self._lock:
+            if self.finished:
+                return False
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+                chunk.prompt_tokens = len(self.prompt)
+                chunk.completion_tokens = self.completion_tokens
+            self.out.put(chunk)
+            return True
+
+    def finish(self, reason: str, message: str = '') -> bool:
+        return self.emit(Chunk(finish_reason=reason, stop_reason=message))
+
+
+class Orchestrator:
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self._slots: list[Request | None] = [None] * engine.max_batch
+        self._pending: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._detok_queue: queue.Queue = queue.Queue()
+        self._closing = self._draining = False
+        self._threads = [threading.Thread(target=self._engine_loop, name='glmjax-engine'),
+                         threading.Thread(target=self._detok_loop, name='glmjax-detokenize')]
+
+    # ---- called from any thread ----
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, req: Request) -> None:
+        with self._cond:
+            if self._draining or self._closing:
+                raise Draining('the server is shutting down and accepts no new requests')
+            busy = sum(s is not None for s in self._slots)
+            if busy + len(self._pending) >= self.engine.max_batch + self.max_queue:
+                raise QueueFull(f'all {self.engine.max_batch} slots are busy and the queue '
+                                f'holds its maximum of {self.max_queue} requests')
+            self._pending.append(req)
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            busy = sum(s is not None for s in self._slots)
+            return {'busy_slots': busy, 'free_slots': len(self._slots) - busy,
+                    'queued': len(self._pending)}
+
+    def drain(self, timeout: float) -> bool:
+        """Stops admission; waits up to timeout for every request to finish."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._draining = True
+            return self._cond.wait_for(self._idle, timeout=max(0.0, end - time.monotonic()))
+
+    def close(self) -> None:
+        """Cancels whatever is left and stops the threads."""
+        with self._cond:
+            self._closing = True
+            for req in list(self._pending) + [s for s in self._slots if s is not None]:
+                req.cancel()
+            self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=30)
+
+    def _idle(self) -> bool:
+        return not self._pending and all(s is None for s in self._slots)
+
+    # ---- the engine thread ----
+
+    def _engine_loop(self) -> None:
+        previous: list[tuple[StepOutput, list[Request | None]]] = []
+        while True:
+            with self._cond:
+                if self._closing and self._idle() and not previous:
+                    break
+                if not previous and self._idle():
+                    self._cond.wait(timeout=0.1)
+                    continue
+            try:
+                current = self._step()
+                if previous:
+                    self._emit(previous)
+                previous = current
+            except Exception as e:  # keep serving: fail the requests in flight, not the server
+                log.exception('engine step failed')
+                previous = []
+                self._fail_all(f'engine error: {type(e).__name__}: {e}')
+        self._detok_queue.put(None)
+
+    def _step(self) -> list[tuple[StepOutput, list[Request | None]]]:
+        self._release()
+        current = self._admit()
+        with self._cond:
+            snapshot = list(self._slots)
+        if any(r is not None for r in snapshot):
+            current.append((self.engine.generate(), snapshot))
+        return current
+
+    def _release(self) -> None:
+        """Frees the slots of requests that are over, for whatever reason."""
+        now = time.monotonic()
+        for slot, req in enumerate(self._slots):
+            if req is None:
+                continue
+            stopped = req.cancelled or req.expired(now) or self._closing
+            if not (stopped or req.finished or req.device_done):
+                continue
+            if stopped:
+                req.finish('cancelled')
+            self.engine.free(slot)
+            with self._cond:
+                self._slots[slot] = None
+                self._cond.notify_all()
+
+    def _next_pending(self) -> Request | None:
+        """Pops the next live request; cancelled and expired ones are dropped here."""
+        now = time.monotonic()
+        with self._cond:
+            while self._pending:
+                req = self._pending.popleft()
+                if req.cancelled or req.expired(now) or self._closing:
+                    req.finish('cancelled')
+                    self._cond.notify_all()
+                    continue
+                return req
+            return None
+
+    def _admit(self) -> list[tuple[StepOutput, list[Request | None]]]:
+        firsts = []
+        for slot in range(len(self._slots)):
+            if self._slots[slot] is not None:
+                continue
+            req = self._next_pending()
+            if req is None:
+                break
+            prefix = self.engine.prefill(req.prompt)
+            firsts.append((self.engine.insert(prefix, slot, req.settings), [req]))
+            with self._cond:
+                self._slots[slot] = req
+        return firsts
+
+    def _emit(self, outputs: list[tuple[StepOutput, list[Request | None]]]) -> None:
+        """Fetches finished calls and hands their tokens to the detokenize thread."""
+        host = jax.device_get([out for out, _ in outputs])
+        for out, reqs in zip(host, (r for _, r in outputs)):
+            for row, req in enumerate(reqs):
+                if req is None or not out.valid[row].any():
+                    continue
+                keep = out.valid[row]
+                self._detok_queue.put((req, out.tokens[row][keep], out.logprobs[row][keep],
+                                       out.top_ids[row][keep], out.top_logprobs[row][keep]))
+                if out.done[row]:
+                    req.device_done = True
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            for slot, req in enumerate(self._slots):
+                if req is not None:
+                    req.finish('error', message)
+                    self._slots[slot] = None
+            self._cond.notify_all()
+        try:
+            self.engine.reset()
+        except Exception:
+            log.exception('engine reset failed')
+
+    # ---- the detokenize thread ----
+
+    def _detok_loop(self) -> None:
+        while (item := self._detok_queue.get()) is not None:
+            try:
+                self._detokenize(*item)
+            except Exception as e:
+                log.exception('detokenize failed')
+                item[0].finish('error', f'detokenize error: {type(e).__name__}: {e}')
+
+    def _detokenize(self, req: Request, tokens: np.ndarray, logprobs: np.ndarray,
+                    top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+        if req.finished:
+            return
+        chunk = Chunk()
+        for t, lp, ids, lps in zip(tokens.tolist(), logprobs.tolist(), top_ids.tolist(),
+                                   top_lps.tolist()):
+            req.completion_tokens += 1
+            chunk.token_ids.append(t)
+            chunk.logprobs.append(lp)
+            chunk.top.append(list(zip(ids, lps))[:req.top_logprobs])
+            if t in req.stop_ids:
+                chunk.finish_reason, chunk.stop_reason = 'stop', str(t)
+                break
+            chunk.text += req.stops.feed(req.detok.add(t))
+            if req.stops.matched is not None:
+                chunk.finish_reason, chunk.stop_reason = 'stop', req.stops.matched
+                break
+            if req.completion_tokens >= req.settings.max_new:
+                chunk.finish_reason = 'length'
+                break
+        if chunk.finish_reason:
+            chunk.text += self._flush(req)
+            if req.stops.matched is not None:
+                chunk.finish_reason, chunk.stop_reason = 'stop', req.stops.matched
+        req.emit(chunk)
+
+    @staticmethod
+    def _flush(req: Request) -> str:
+        """The text held back for a possible multi-byte character or stop string."""
+        return req.stops.feed(req.detok.flush()) + req.stops.flush()
