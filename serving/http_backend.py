@@ -3,6 +3,7 @@ gRPC, seen as the async `Backend` that serving/openai_api.py talks to."""
 
 import asyncio
 import functools
+import queue
 import random
 import threading
 
@@ -53,7 +54,9 @@ class EngineBackend:
         top = 0 if r.logprobs is None else min(r.logprobs, TOP_LOGPROBS)
         return Request(r.prompt_ids, settings, self.tokenizer, tuple(r.stop), top)
 
-    async def generate(self, r: GenRequest):
+    def generate(self, r: GenRequest) -> '_Events':
+        """Submits at once, so that a full queue is an HTTP 429 before any streaming starts;
+        the events follow as the engine produces them."""
         req = self._request(r)
         try:
             self.orchestrator.submit(req)
@@ -61,23 +64,7 @@ class EngineBackend:
             raise ApiError(429, str(e), code='queue_full', kind='rate_limit_error') from None
         except Draining as e:
             raise ApiError(503, str(e), kind='unavailable') from None
-        try:
-            while True:
-                chunk = await asyncio.to_thread(req.out.get)
-                if chunk.finish_reason == 'error':
-                    raise ApiError(503, f'the engine failed: {chunk.stop_reason}',
-                                   kind='server_error')
-                logprobs = None
-                if r.logprobs is not None:
-                    logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in
-                                zip(chunk.token_ids, chunk.logprobs, chunk.top)]
-                finish = chunk.finish_reason if chunk.finish_reason in ('stop', 'length') \
-                    else None if chunk.finish_reason is None else 'stop'
-                yield GenEvent(chunk.token_ids, chunk.text, logprobs, finish)
-                if chunk.finish_reason is not None:
-                    return
-        finally:
-            req.cancel()  # a client that left frees its slot at the next step
+        return _Events(req, r.logprobs is not None)
 
     async def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return await asyncio.to_thread(self._embed, prompts)
@@ -98,6 +85,52 @@ class EngineBackend:
         slots = s['busy_slots'] + s['free_slots']
         return {'running': s['busy_slots'], 'waiting': s['queued'],
                 'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
+
+
+class _Events:
+    """The request's chunks as GenEvents. Closing it (or the client leaving, which cancels
+    the task awaiting it) cancels the request, and its slot is freed at the next step."""
+
+    def __init__(self, req: Request, logprobs: bool):
+        self.req, self.logprobs, self.done, self.first = req, logprobs, False, True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> GenEvent:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._next_chunk()
+        except BaseException:
+            self.req.cancel()
+            raise
+        if chunk.finish_reason == 'error':
+            self.done = True
+            raise ApiError(503, f'the engine failed: {chunk.stop_reason}', kind='server_error')
+        self.done = chunk.finish_reason is not None
+        logprobs = None
+        if self.logprobs:
+            logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in
+                        zip(chunk.token_ids, chunk.logprobs, chunk.top)]
+        finish = chunk.finish_reason
+        finish = finish if finish in (None, 'stop', 'length') else 'stop'
+        queued = None
+        if self.first and self.req.admitted is not None:
+            queued = self.req.admitted - self.req.created
+        self.first = False
+        return GenEvent(chunk.token_ids, chunk.text, logprobs, finish, queued)
+
+    async def _next_chunk(self):
+        while True:  # short waits: a thread never stays blocked on an abandoned request
+            try:
+                return await asyncio.to_thread(self.req.out.get, True, 0.5)
+            except queue.Empty:
+                continue
+
+    async def aclose(self):
+        self.done = True
+        self.req.cancel()
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -52,15 +52,19 @@ class Metrics:
         start = time.perf_counter()
         first, n = None, 0
         self.prompt_tokens.inc(n_prompt)
-        async for e in events:
-            if e.queue_time is not None:
-                self.queue.observe(e.queue_time)
-            if e.token_ids and first is None:
-                first = time.perf_counter()
-                self.ttft.observe(first - start)
-            n += len(e.token_ids)
-            self.generation_tokens.inc(len(e.token_ids))
-            yield e
+        try:
+            async for e in events:
+                if e.queue_time is not None:
+                    self.queue.observe(e.queue_time)
+                if e.token_ids and first is None:
+                    first = time.perf_counter()
+                    self.ttft.observe(first - start)
+                n += len(e.token_ids)
+                self.generation_tokens.inc(len(e.token_ids))
+                yield e
+        finally:  # a client that left: the engine request is cancelled
+            if hasattr(events, 'aclose'):
+                await events.aclose()
         end = time.perf_counter()
         self.e2e.observe(end - start)
         if first is not None and n > 1:

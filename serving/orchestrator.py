@@ -71,6 +71,7 @@ class Request:
                  deadline: float | None = None):
         self.prompt, self.settings, self.top_logprobs = prompt, settings, top_logprobs
         self.deadline = deadline  # time.monotonic() value, or None
+        self.created, self.admitted = time.monotonic(), None  # queue time, for metrics
         self.out: queue.Queue[Chunk] = queue.Queue()
         self.cancelled = False
         self.device_done = False  # the device stopped this slot (stop id or max_new)
@@ -232,6 +233,7 @@ class Orchestrator:
             req = self._next_pending()
             if req is None:
                 break
+            req.admitted = time.monotonic()
             prefix = self.engine.prefill(req.prompt)
             firsts.append((self.engine.insert(prefix, slot, req.settings), [req]))
             with self._cond:

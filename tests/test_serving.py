@@ -381,7 +381,7 @@ def test_wrong_or_missing_key_is_unauthenticated(guarded):
         health_pb2.HealthCheckResponse.SERVING
 
 
-def test_full_queue_is_resource_exhausted_at_once(guarded):
+def test_full_queue_is_resource_exhausted_at_once(guarded, model):
     stub = guarded.stub
     long = request([5, 6, 7], MAX_SEQ_LEN - 3, ignore_eos=True)
     streams = []
@@ -401,6 +401,19 @@ def test_full_queue_is_resource_exhausted_at_once(guarded):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert 'queue' in e.value.details()
         assert time.monotonic() - start < 2.0
+        # The HTTP front shares the queue: 429 in OpenAI form, streaming or not.
+        import httpx
+
+        from serving.server import start_http
+        front = start_http(guarded.server, model[1], 'sesame', None, '127.0.0.1', 0)
+        try:
+            for stream in (False, True):
+                r = httpx.post(f'http://127.0.0.1:{front.port}/v1/completions',
+                               json={'prompt': [5, 6, 7], 'max_tokens': 4, 'stream': stream},
+                               headers={'Authorization': 'Bearer sesame'}, timeout=RPC_TIMEOUT)
+                assert r.status_code == 429 and 'queue' in r.json()['error']['message']
+        finally:
+            front.stop()
     finally:
         for s in streams:
             s.cancel()
@@ -458,3 +471,20 @@ def test_http_completions_and_embeddings(served, http):
     assert httpx.get(url + '/health').status_code == 200
     info = served.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=RPC_TIMEOUT)
     assert info.busy_slots == 0  # the HTTP requests used, then freed, the same slots
+
+
+def test_http_client_leaving_a_stream_frees_its_slot(served, http):
+    import httpx
+    p = prompts(1, seed=22)[0]
+    body = {'prompt': p, 'max_tokens': MAX_SEQ_LEN - len(p), 'ignore_eos': True,
+            'stream': True, 'temperature': 0}
+    with httpx.stream('POST', f'http://127.0.0.1:{http.port}/v1/completions', json=body,
+                      timeout=RPC_TIMEOUT) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith('data: ')
+        busy = served.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=RPC_TIMEOUT).busy_slots
+        assert busy == 1
+    info = wait_idle(served.stub, timeout=10)
+    assert (info.busy_slots, info.queued) == (0, 0)
+    metrics = httpx.get(f'http://127.0.0.1:{http.port}/metrics').text
+    assert 'glmjax:request_queue_time_seconds_count' in metrics
