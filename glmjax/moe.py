@@ -10,11 +10,14 @@ The routed experts have more than one implementation, all computing the same sum
   where reading all E experts would be the whole cost.
 - `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For long
   prefills on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
+Under a mesh with an `expert` axis > 1 (`jax.set_mesh`) any of them runs expert-parallel:
+each shard over its own experts, the partial sums added by a psum (`experts_parallel`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from glmjax.config import GlmConfig
 from glmjax.layers import MLP, param
@@ -98,6 +101,35 @@ def choose_impl(cfg: GlmConfig, num_tokens: int) -> str:
     return 'dense' if jax.default_backend() == 'cpu' else 'grouped'
 
 
+def expert_shards() -> int:
+    """Size of the `expert` axis of the mesh set with `jax.set_mesh` (1 without a mesh)."""
+    from sharding.axes import EXPERT  # here, not at the top: `sharding` imports glmjax
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get(EXPERT, 1)
+
+
+def experts_parallel(impl: str, x, weights, ids, gate, up, down):
+    """Expert parallelism: each shard of the mesh's `expert` axis runs `impl` over its own
+    E/n experts for every token (the tokens are replicated; the other shards' experts get
+    weight 0) and a psum adds the shards' partial sums. Exact and dropless. The other mesh
+    axes stay automatic inside (e.g. the experts' width split over `tensor`)."""
+    from sharding.axes import EXPERT
+    E, n = gate.shape[0], expert_shards()
+    if E % n:
+        raise ValueError(f'{E} experts do not split over the mesh axis {EXPERT}={n}')
+
+    def local(x, weights, ids, gate, up, down):
+        first = jax.lax.axis_index(EXPERT) * (E // n)
+        mine = (ids >= first) & (ids < first + E // n)
+        ids, weights = jnp.where(mine, ids - first, 0), jnp.where(mine, weights, 0.0)
+        y = EXPERT_IMPLS[impl](x, weights, ids, gate, up, down)  # [T, D], this shard's part
+        return jax.lax.psum(y.astype(jnp.float32), EXPERT).astype(y.dtype)
+
+    replicated, split = PartitionSpec(), PartitionSpec(EXPERT)
+    return jax.shard_map(local, in_specs=(replicated,) * 3 + (split,) * 3, out_specs=replicated,
+                         axis_names={EXPERT})(x, weights, ids, gate, up, down)
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: GlmConfig, dtype, rngs: nnx.Rngs | None):
         self.cfg = cfg
@@ -117,6 +149,9 @@ class MoE(nnx.Module):
         flat = x.reshape(B * T, D)
         weights, ids = route(self.cfg, flat, self.router[...], self.router_bias[...])
         impl = impl or choose_impl(self.cfg, B * T)
-        routed = EXPERT_IMPLS[impl](flat, weights, ids, self.gate[...], self.up[...],
-                                    self.down[...])
+        experts = (self.gate[...], self.up[...], self.down[...])
+        if expert_shards() > 1:
+            routed = experts_parallel(impl, flat, weights, ids, *experts)
+        else:
+            routed = EXPERT_IMPLS[impl](flat, weights, ids, *experts)
         return routed.reshape(B, T, D) + self.shared(x)

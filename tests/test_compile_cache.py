@@ -7,7 +7,9 @@ import sys
 SCRIPT = '''
 import logging, sys, jax, jax.numpy as jnp
 from glmjax import compile_cache
-logging.basicConfig(level=logging.DEBUG)
+log = logging.getLogger('jax._src.compiler')  # where JAX reports persistent-cache hits
+log.setLevel(logging.DEBUG)
+log.addHandler(logging.StreamHandler(sys.stderr))
 print(compile_cache.enable(sys.argv[1]))
 jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
 '''

@@ -1,0 +1,110 @@
+"""glmjax-plan on the real GLM-4.6 sizes (as the command, in a subprocess with its own
+simulated devices) against hand arithmetic; the layer extrapolation against a full compile."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+import sharding
+from glmjax import GlmConfig
+from sharding import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# GLM-4.6 by hand: 92 layers (3 dense) + the MTP layer, which is a MoE layer.
+D, V, L, N, K, H = 5120, 151552, 92, 96, 8, 128
+E, F, F_DENSE, DENSE = 160, 1536, 12288, 3
+MOE_LAYERS = L - DENSE + 1
+EXPERTS = MOE_LAYERS * E * 3 * F * D
+ROUTERS = MOE_LAYERS * (D * E + E)
+EMBED_AND_HEAD = 2 * V * D
+ATTENTION = D * N * H * 2 + D * K * H * 2 + (N + 2 * K) * H + 2 * H  # q o k v, biases, qk-norm
+OTHER = ((L + 1) * (ATTENTION + 2 * D) + MOE_LAYERS * 3 * F * D + DENSE * 3 * F_DENSE * D
+         + D + 2 * D * D + 3 * D)  # layers' attention + norms, shared experts, dense FFNs,
+#                                   final norm, MTP eh_proj and its 3 norms
+PARAMS = EXPERTS + ROUTERS + EMBED_AND_HEAD + OTHER
+KV_PER_TOKEN = 92 * 2 * 8 * 128 * 2
+
+
+def glmjax_plan(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+    done = subprocess.run([sys.executable, '-m', 'sharding.plan', '--config', 'glm-4.6', *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return done, time.perf_counter() - start
+
+
+def plan_json(*args: str) -> dict:
+    done, seconds = glmjax_plan('--json', *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seconds < 60, f'glmjax-plan took {seconds:.0f} s'
+    return json.loads(done.stdout)
+
+
+def near(got: float, want: float, rel: float = 0.05) -> bool:
+    return abs(got - want) <= rel * want
+
+
+def test_hand_count_is_glm46():
+    assert near(PARAMS, 357e9, 0.01)
+
+
+def test_glm46_bf16_fits_h200_with_expert_parallelism_but_not_h100():
+    h200 = plan_json('--mesh', 'expert=8', '--device_memory_gb', '141', '--max_seq_len', '8192')
+    assert h200['params'] == PARAMS
+    # Experts split 8 ways; everything else is whole on every device (tensor=1).
+    weights = 2 * (EXPERTS / 8 + EMBED_AND_HEAD + OTHER) + 4 * ROUTERS / 8
+    assert near(h200['weights_bytes_per_device'], weights)
+    assert h200['kv_bytes_per_token'] == KV_PER_TOKEN
+    assert h200['kv_bytes_per_token_per_device'] == KV_PER_TOKEN  # attention replicated
+    assert near(h200['kv_cache_bytes_per_device'], 8192 * KV_PER_TOKEN)
+    assert h200['compiled_argument_bytes_per_device'] == h200['expected_argument_bytes_per_device']
+    assert h200['fits']
+    free = 141e9 - h200['weights_bytes_per_device'] - h200['temp_bytes_per_device']
+    assert h200['kv_token_capacity'] == int(free // KV_PER_TOKEN) > 8192
+    assert 0 < h200['temp_bytes_per_device'] < 10e9
+
+    h100 = plan_json('--mesh', 'expert=8', '--device_memory_gb', '80', '--max_seq_len', '8192')
+    assert not h100['fits'] and h100['kv_token_capacity'] == 0  # the weights alone are 119 GB
+
+
+def test_glm46_fp8_fits_h100_with_tensor_parallelism():
+    p = plan_json('--mesh', 'tensor=8', '--device_memory_gb', '80', '--weight_dtype', 'fp8')
+    # Everything splits 8 ways; matrices at 1 byte, embedding and lm_head at 2.
+    assert near(p['weights_bytes_per_device'], (PARAMS + EMBED_AND_HEAD) / 8)
+    assert p['kv_bytes_per_token_per_device'] == KV_PER_TOKEN // 8  # 8 KV heads, 1 a device
+    assert p['fits'] and p['kv_token_capacity'] > 32768
+    assert p['compiled_argument_bytes_per_device'] == p['expected_argument_bytes_per_device']
+
+
+def test_plan_report_and_errors():
+    done, _ = glmjax_plan('--mesh', 'expert=8', '--device_memory_gb', '141')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'weights' in done.stdout and 'FITS' in done.stdout and 'KV capacity' in done.stdout
+    done, _ = glmjax_plan('--mesh', 'expert=3')
+    assert done.returncode != 0
+    assert "give mesh axis 'expert' a size that divides 160" in done.stderr
+
+
+def test_extrapolated_sizes_equal_a_full_compile():
+    cfg = dataclasses.replace(
+        GlmConfig.preset('glm-4.6'), vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+        first_k_dense_replace=2)
+    mesh = sharding.make_mesh({'expert': 4, 'tensor': 2})
+    params = sharding.with_shardings(plan.planned_params(cfg, jnp.bfloat16),
+                                     sharding.param_shardings(cfg, mesh))
+    full, _, counts = plan.compiled_sizes(cfg, mesh, params, jnp.bfloat16, 'decode_ep', 2, 64)
+    assert counts == [3, 4]
+    compiled = plan.compile_decode(cfg, mesh, {'model': params['model']}, jnp.bfloat16,
+                                   'decode_ep', 2, 64)
+    assert full['arguments'] == compiled['arguments']
+    assert full['outputs'] == compiled['outputs']
+    assert full['temp'] == pytest.approx(compiled['temp'], rel=0.05)
