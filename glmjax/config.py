@@ -91,7 +91,9 @@ class GlmConfig:
             raise ConfigError(f'no config.json at {path}') from None
         except json.JSONDecodeError as e:
             raise ConfigError(f'{file} is not valid JSON: {e}') from None
-        return cls.from_dict(raw, source=file)
+        cfg = cls.from_dict(raw, source=file)
+        eos = _generation_eos(os.path.join(os.path.dirname(file), 'generation_config.json'))
+        return cfg if eos is None else dataclasses.replace(cfg, eos_token_ids=eos)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = 'config') -> 'GlmConfig':
@@ -103,6 +105,28 @@ class GlmConfig:
         if name not in PRESETS:
             raise ConfigError(f'unknown preset {name!r}; known: {", ".join(PRESETS)}')
         return _from_dict(PRESETS[name], name)
+
+
+def _eos(value: Any, source: str) -> tuple[int, ...]:
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{source}: 'eos_token_id' must be a token id or a list of them, "
+                          f'got {value!r}')
+    return tuple(ids)
+
+
+def _generation_eos(file: str) -> tuple[int, ...] | None:
+    """The eos ids of generation_config.json, which generation stops at (as transformers
+    does); None without the file or the key."""
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{file} is not valid JSON: {e}') from None
+    value = raw.get('eos_token_id') if isinstance(raw, dict) else None
+    return None if value is None else _eos(value, file)
 
 
 def _check(ok: bool, key: str, message: str):
@@ -174,7 +198,7 @@ def _from_dict(raw: dict[str, Any], source: str) -> GlmConfig:
     head_dim = raw.get('head_dim') or values['hidden_size'] // values['num_attention_heads']
     values['rope_theta'], values['partial_rotary_factor'] = _rope(raw, source)
     eos = raw.get('eos_token_id')
-    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    eos = () if eos is None else _eos(eos, source)
     try:
         return GlmConfig(head_dim=int(head_dim), eos_token_ids=eos,
                          pad_token_id=raw.get('pad_token_id'), **values)

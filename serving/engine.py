@@ -19,14 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glmjax.cache import KVCache, init_cache
+from glmjax.cache import KVCache, cache_shapes, init_cache
 from glmjax.config import GlmConfig
 from glmjax.inference import decode, prefill
 from serving.sampling import SlotSampling, sample
+from sharding.mesh import make_mesh
+from sharding.rules import Rules, cache_shardings, get_rules
 
 MAX_STOP_IDS = 16  # stop token ids per request, the model's eos ids included
 MIN_BUCKET = 16
+MIN_KV_BUCKET = 128  # decode attends over at least this many positions: fewer compiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,17 +139,74 @@ def _choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids,
     return out, counts, generated
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill_one(cfg: GlmConfig, params: dict, tokens: jax.Array, length: jax.Array):
-    """tokens [1, bucket] -> (logits [1, V], a fresh cache [1, bucket] holding the prompt)."""
-    cache = init_cache(cfg, 1, tokens.shape[1], params['model']['embed'].dtype)
-    return prefill(cfg, params, tokens, length, cache)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the engine's arrays live: a mesh, and the rules that place the KV cache on it.
+    Hashable, so the jitted functions below take it as a static argument."""
+    cfg: GlmConfig
+    mesh: Mesh
+    rules: Rules
+    dtype: jnp.dtype  # of the KV cache: the weights' dtype
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def cache(self, batch: int, length: int, split_batch: bool = True) -> KVCache:
+        # A prefilled prompt is one row: it cannot split over `data`.
+        rules = self.rules if split_batch else dataclasses.replace(self.rules, batch=None)
+        return cache_shardings(self.cfg, self.mesh,
+                               cache_shapes(self.cfg, batch, length, self.dtype), rules)
+
+    def state(self, batch: int, length: int) -> DecodeState:
+        rep = self.replicated
+        return DecodeState(cache=self.cache(batch, length), tokens=rep, done=rep,
+                           generated=rep, max_new=rep, stop_ids=rep, counts=rep,
+                           prompt_mask=rep, sampling=jax.tree.map(lambda _: rep,
+                                                                  SlotSampling.make(batch)))
 
 
-@functools.partial(jax.jit, donate_argnames='state')
-def _insert(state: DecodeState, prefix_cache: KVCache, logits: jax.Array, tokens: jax.Array,
-            length: jax.Array, slot: jax.Array, row: SlotSampling, max_new: jax.Array,
-            stop_ids: jax.Array) -> tuple[DecodeState, StepOutput]:
+def _replicated(layout: Layout, tree):
+    return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: layout.replicated, tree))
+
+
+def _place_state(layout: Layout, state: DecodeState) -> DecodeState:
+    return jax.lax.with_sharding_constraint(
+        state, layout.state(state.tokens.shape[0], state.cache.max_len))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_state(layout: Layout, batch: int, max_len: int, vocab: int) -> DecodeState:
+    B, V = batch, vocab
+    sampling = jax.tree.map(jnp.asarray, SlotSampling.make(B))
+    return _place_state(layout, DecodeState(
+        cache=init_cache(layout.cfg, B, max_len, layout.dtype),
+        tokens=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool),
+        generated=jnp.zeros((B,), jnp.int32), max_new=jnp.zeros((B,), jnp.int32),
+        stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
+        counts=jnp.zeros((B, V), jnp.int32), prompt_mask=jnp.zeros((B, V), bool),
+        sampling=sampling))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _empty_prefix(layout: Layout, length: int) -> KVCache:
+    return jax.lax.with_sharding_constraint(init_cache(layout.cfg, 1, length, layout.dtype),
+                                            layout.cache(1, length, split_batch=False))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames='cache')
+def _prefill_chunk(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Array,
+                   length: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Appends one chunk of a prompt, tokens [1, chunk], to its own cache [1, bucket]."""
+    logits, cache = prefill(cfg, params, tokens, length, cache)
+    return _replicated(layout, logits), jax.lax.with_sharding_constraint(
+        cache, layout.cache(1, cache.max_len, split_batch=False))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
+def _insert(layout: Layout, state: DecodeState, prefix_cache: KVCache, logits: jax.Array,
+            tokens: jax.Array, length: jax.Array, slot: jax.Array, row: SlotSampling,
+            max_new: jax.Array, stop_ids: jax.Array) -> tuple[DecodeState, StepOutput]:
     V = logits.shape[-1]
     at = lambda big, small: jax.lax.dynamic_update_slice(  # noqa: E731
         big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
@@ -165,15 +226,16 @@ def _insert(state: DecodeState, prefix_cache: KVCache, logits: jax.Array, tokens
         max_new=state.max_new.at[slot].set(max_new), stop_ids=state.stop_ids.at[slot].set(stop_ids),
         counts=state.counts.at[slot].set(counts[0]),
         prompt_mask=state.prompt_mask.at[slot].set(mask[0]), sampling=sampling)
-    return state, jax.tree.map(lambda x: x[:, None] if x.ndim == 1 else x[:, None, :], out)
+    out = jax.tree.map(lambda x: x[:, None] if x.ndim == 1 else x[:, None, :], out)
+    return _place_state(layout, state), _replicated(layout, out)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnames='state')
-def _generate(cfg: GlmConfig, params: dict, state: DecodeState,
-              steps: int) -> tuple[DecodeState, StepOutput]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5), donate_argnames='state')
+def _generate(cfg: GlmConfig, layout: Layout, params: dict, state: DecodeState, steps: int,
+              kv_len: int) -> tuple[DecodeState, StepOutput]:
     def step(state: DecodeState, _):
         active = ~state.done
-        logits, cache = decode(cfg, params, state.tokens, state.cache)
+        logits, cache = decode(cfg, params, state.tokens, state.cache, kv_len=kv_len)
         # Done and free slots keep their length: nothing they compute is ever read.
         cache = cache.replace(lengths=jnp.where(active, cache.lengths, state.cache.lengths))
         out, counts, generated = _choose(logits, state.sampling, state.counts,
@@ -185,38 +247,63 @@ def _generate(cfg: GlmConfig, params: dict, state: DecodeState,
 
     state, outs = jax.lax.scan(step, state, None, length=steps)  # each [steps, B, ...]
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
-    return state, outs.replace(done=state.done)
+    return _place_state(layout, state), _replicated(layout, outs.replace(done=state.done))
 
 
-@functools.partial(jax.jit, donate_argnames='state')
-def _free(state: DecodeState, slot: jax.Array) -> DecodeState:
-    return state.replace(done=state.done.at[slot].set(True))
+@functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
+def _free(layout: Layout, state: DecodeState, slot: jax.Array) -> DecodeState:
+    # A free slot still runs through the batch: from length 0 it stays inside any kv_len.
+    cache = state.cache.replace(lengths=state.cache.lengths.at[slot].set(0))
+    return _place_state(layout, state.replace(cache=cache, done=state.done.at[slot].set(True)))
 
 
 class GlmEngine(Engine):
-    """The engine over glmjax's jitted prefill and decode, on the default device."""
+    """The engine over glmjax's jitted prefill and decode, on a device mesh (default: the
+    first device). On a mesh that spans several processes every process must make the same
+    calls with the same arguments in the same order (serving/lockstep.py sees to that).
+
+    Prompts are prefilled `prefill_chunk` tokens per call, into a cache as long as their
+    bucket. Decode reads only the filled part of the cache: the host keeps an upper bound of
+    each slot's length (without asking the device) and picks the smallest of `kv_buckets`
+    that covers every slot for the whole call.
+    """
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
-                 steps_per_call: int = 4):
+                 steps_per_call: int = 4, mesh: Mesh | None = None,
+                 rules: Rules | str | None = None, prefill_chunk: int = 512):
         if not 0 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f'max_seq_len must be between 1 and the model context of '
                              f'{cfg.max_position_embeddings}, got {max_seq_len}')
+        for name, value in (('max_batch', max_batch), ('steps_per_call', steps_per_call),
+                            ('prefill_chunk', prefill_chunk)):
+            if value < 1:
+                raise ValueError(f'{name} must be >= 1, got {value}')
         self.cfg, self.params = cfg, params
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size, self.steps_per_call = cfg.vocab_size, steps_per_call
+        self.prefill_chunk = prefill_chunk
+        mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
+        self.layout = Layout(cfg, mesh, get_rules(rules),
+                             jnp.dtype(params['model']['embed'].dtype))
+        self.layout.state(max_batch, max_seq_len)  # a RulesError now, not at the first call
         self.buckets = buckets(max_seq_len)
-        self.state = self._empty_state()
+        self.kv_buckets = tuple(b for b in self.buckets if b >= MIN_KV_BUCKET) or (max_seq_len,)
+        self._bound = np.zeros(max_batch, np.int64)  # per slot; 0 when free
+        self.state = self._new_state()
 
-    def _empty_state(self) -> DecodeState:
-        B, V = self.max_batch, self.vocab_size
-        dtype = self.params['model']['embed'].dtype
-        return DecodeState(
-            cache=init_cache(self.cfg, B, self.max_seq_len, dtype),
-            tokens=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool),
-            generated=jnp.zeros((B,), jnp.int32), max_new=jnp.zeros((B,), jnp.int32),
-            stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
-            counts=jnp.zeros((B, V), jnp.int32), prompt_mask=jnp.zeros((B, V), bool),
-            sampling=jax.tree.map(jnp.asarray, SlotSampling.make(B)))
+    def _new_state(self) -> DecodeState:
+        with jax.set_mesh(self.layout.mesh):
+            return _empty_state(self.layout, self.max_batch, self.max_seq_len, self.vocab_size)
+
+    def _put(self, tree):
+        """Host values onto every device of the mesh (the same values in every process)."""
+        return jax.device_put(tree, jax.tree.map(lambda _: self.layout.replicated, tree))
+
+    @staticmethod
+    def _local(out: StepOutput) -> StepOutput:
+        # Replicated outputs: this process's first copy can be fetched even when the mesh
+        # spans other processes. Still asynchronous.
+        return jax.tree.map(lambda x: x.addressable_data(0), out)
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -224,37 +311,59 @@ class GlmEngine(Engine):
                 return b
         raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={self.max_seq_len}')
 
+    def kv_bucket(self, n: int) -> int:
+        return next((b for b in self.kv_buckets if n <= b), self.kv_buckets[-1])
+
     def prefill(self, tokens: list[int]) -> Prefix:
-        padded = np.zeros((1, self.bucket(len(tokens))), np.int32)
-        padded[0, :len(tokens)] = tokens
-        padded = jnp.asarray(padded)
-        logits, cache = _prefill_one(self.cfg, self.params, padded,
-                                     jnp.array([len(tokens)], jnp.int32))
-        return Prefix(cache=cache, logits=logits, tokens=padded, length=len(tokens))
+        n, b = len(tokens), self.bucket(len(tokens))
+        width = min(b, self.prefill_chunk)
+        padded = np.zeros((1, -(-b // width) * width), np.int32)
+        padded[0, :n] = tokens
+        with jax.set_mesh(self.layout.mesh):
+            cache = _empty_prefix(self.layout, b)
+            for start in range(0, n, width):
+                length = np.array([min(width, n - start)], np.int32)
+                logits, cache = _prefill_chunk(
+                    self.cfg, self.layout, self.params,
+                    self._put(padded[:, start:start + width]), self._put(length), cache)
+        return Prefix(cache=cache, logits=logits, tokens=self._put(padded[:, :b]), length=n)
 
     def insert(self, prefix: Prefix, slot: int, settings: SlotSettings) -> StepOutput:
         if len(settings.stop_ids) > MAX_STOP_IDS:
             raise ValueError(f'at most {MAX_STOP_IDS} stop ids, got {len(settings.stop_ids)}')
         stop = np.full((MAX_STOP_IDS,), -1, np.int32)
         stop[:len(settings.stop_ids)] = settings.stop_ids
-        self.state, out = _insert(self.state, prefix.cache, prefix.logits, prefix.tokens,
-                                  jnp.int32(prefix.length), jnp.int32(slot),
-                                  settings.sampling(), jnp.int32(settings.max_new), stop)
-        return out
+        host = (np.int32(prefix.length), np.int32(slot), settings.sampling(),
+                np.int32(settings.max_new), stop)
+        with jax.set_mesh(self.layout.mesh):
+            self.state, out = _insert(self.layout, self.state, prefix.cache, prefix.logits,
+                                      prefix.tokens, *self._put(host))
+        self._bound[slot] = prefix.length
+        return self._local(out)
 
     def generate(self) -> StepOutput:
-        self.state, out = _generate(self.cfg, self.params, self.state, self.steps_per_call)
-        return out
+        return self._decode(self.kv_bucket(int(self._bound.max()) + self.steps_per_call))
+
+    def _decode(self, kv_len: int) -> StepOutput:
+        with jax.set_mesh(self.layout.mesh):
+            self.state, out = _generate(self.cfg, self.layout, self.params, self.state,
+                                        self.steps_per_call, kv_len)
+        self._bound[self._bound > 0] += self.steps_per_call
+        return self._local(out)
 
     def free(self, slot: int) -> None:
-        self.state = _free(self.state, jnp.int32(slot))
+        with jax.set_mesh(self.layout.mesh):
+            self.state = _free(self.layout, self.state, self._put(np.int32(slot)))
+        self._bound[slot] = 0
 
     def reset(self) -> None:
-        self.state = self._empty_state()
+        self.state = self._new_state()
+        self._bound[:] = 0
 
     def warmup(self) -> None:
         for b in self.buckets:
             self.insert(self.prefill([0] * b), 0, SlotSettings(max_new=1))
-        self.generate()
+        for kv_len in self.kv_buckets:
+            self._decode(kv_len)
         jax.block_until_ready(self.state)
         self.reset()

@@ -80,3 +80,27 @@ def test_config_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 1
     assert hash(cfg) == hash(dataclasses.replace(cfg))
+
+
+def test_generation_config_eos_ids_take_precedence(tmp_path):
+    raw = dict(PRESETS['glm-4.6'], eos_token_id=151329)
+    write(tmp_path, raw)
+    assert GlmConfig.from_hf(tmp_path).eos_token_ids == (151329,)
+    # As transformers' generate: the generation config says where a turn ends.
+    (tmp_path / 'generation_config.json').write_text(json.dumps(
+        {'eos_token_id': [151329, 151336, 151338], 'pad_token_id': 151329}))
+    assert GlmConfig.from_hf(tmp_path).eos_token_ids == (151329, 151336, 151338)
+    (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': 7}))
+    assert GlmConfig.from_hf(tmp_path / 'config.json').eos_token_ids == (7,)
+    (tmp_path / 'generation_config.json').write_text(json.dumps({'temperature': 0.6}))
+    assert GlmConfig.from_hf(tmp_path).eos_token_ids == (151329,)
+
+
+def test_bad_generation_config_names_the_file(tmp_path):
+    write(tmp_path, PRESETS['glm-4.6'])
+    (tmp_path / 'generation_config.json').write_text('{"eos_token_id": [1,')
+    with pytest.raises(ConfigError, match='generation_config.json is not valid JSON'):
+        GlmConfig.from_hf(tmp_path)
+    (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': ['</s>']}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: 'eos_token_id' must be"):
+        GlmConfig.from_hf(tmp_path)

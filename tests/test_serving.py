@@ -151,7 +151,8 @@ def test_text_prompt_streams_text_that_decodes_the_tokens(served):
 
 
 def test_no_recompilation_after_warmup(served):
-    fns = (engine._prefill_one, engine._insert, engine._generate, engine._free)
+    fns = (engine._empty_prefix, engine._prefill_chunk, engine._insert, engine._generate,
+           engine._free)
     before = [f._cache_size() for f in fns]
     for i, p in enumerate(prompts(6, seed=2)):
         run(served.stub, request(p, max_tokens=5 + i, sampling=dict(
