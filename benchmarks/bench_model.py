@@ -80,7 +80,8 @@ def active_bytes(cfg, params, batch, seq) -> int:
         used = min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok)
         total += per_expert // cfg.n_routed_experts * used
         total += size(mlp['shared']) + mlp['router'].nbytes + mlp['router_bias'].nbytes
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * seq * batch
+    itemsize = m['embed'].dtype.itemsize  # the KV cache has the weights' dtype
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize * seq * batch
     return total + kv
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serves glmjax on a Cloud TPU pod slice: every worker runs the same program; JAX finds the
-# other workers itself (jax.distributed.initialize with no arguments on TPU VMs).
+# other workers itself (--distributed_auto: jax.distributed.initialize with no arguments on
+# TPU VMs). Worker 0 serves gRPC and HTTP; the others follow it step by step.
 #
 #   launch/tpu_pod.sh --name glm --zone us-east5-a --project my-proj \
 #       --accelerator_type v5p-64 --checkpoint gs://bucket/glm-4.6-orbax --create
@@ -58,7 +59,7 @@ fi
 # Each worker pulls the checkpoint next to itself, then all start together.
 remote="pip install -q '${package}' 'jax[tpu]' && mkdir -p /tmp/glmjax-ckpt && \
 gcloud storage rsync -r '${checkpoint}' /tmp/glmjax-ckpt && \
-nohup glmjax-serve --checkpoint /tmp/glmjax-ckpt --mesh '${mesh}' \
+nohup glmjax-serve --distributed_auto --checkpoint /tmp/glmjax-ckpt --mesh '${mesh}' \
 --grpc_port ${grpc_port} --http_port ${http_port} > /tmp/glmjax-serve.log 2>&1 &"
 run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command "$remote"
 if [[ "$dry_run" == 1 ]]; then

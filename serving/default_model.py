@@ -30,6 +30,7 @@ TAG_TOKENS = ('<think>', '</think>', '<tool_call>', '</tool_call>', '<tool_respo
 EOS_TOKENS = ('<|endoftext|>', '<|user|>', '<|observation|>')
 BPE_VOCAB = 1024  # merges + the 256 byte tokens + the special tokens
 WEIGHTS_SEED = 0
+VOCAB_MULTIPLE = 128
 
 TRAINING_TEXT = """\
 GLM is a family of large language models. GLM-4.6 is a mixture-of-experts transformer with
@@ -89,9 +90,12 @@ def default_tokenizer() -> Tokenizer:
 
 
 def default_config(tokenizer: Tokenizer) -> GlmConfig:
-    """tiny_glm46() with the vocabulary and eos ids of the default tokenizer."""
+    """tiny_glm46() with the vocabulary and eos ids of the default tokenizer. The vocabulary
+    is padded to a multiple of VOCAB_MULTIPLE, as GLM's is (151552 = 1184 * 128), so that it
+    splits over tensor-parallel shards."""
     eos = tuple(tokenizer.token_id(t) for t in EOS_TOKENS)
-    return dataclasses.replace(tiny_glm46(), vocab_size=tokenizer.vocab_size,
+    vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return dataclasses.replace(tiny_glm46(), vocab_size=vocab,
                                eos_token_ids=eos, pad_token_id=eos[0])
 
 

@@ -33,6 +33,11 @@ MIN_BUCKET = 16
 MIN_KV_BUCKET = 128  # decode attends over at least this many positions: fewer compiles
 
 
+class EngineLost(Exception):
+    """The engine cannot go on: a process that shares the mesh is gone. Requests in flight
+    cannot finish; the server stops serving."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotSettings:
     """What a request sets for its slot (host values)."""
@@ -47,6 +52,14 @@ class SlotSettings:
     frequency_penalty: float = 0.0
     seed: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> 'SlotSettings':
+        return cls(**{**raw, 'stop_ids': tuple(raw['stop_ids']),
+                      'logit_bias': tuple((int(t), float(b)) for t, b in raw['logit_bias'])})
 
     def sampling(self) -> SlotSampling:
         return SlotSampling.make(
@@ -115,6 +128,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def warmup(self) -> None:
         """Compiles every shape that serving will use."""
+
+    def lost(self, wait: float = 0.0) -> str | None:
+        """Why the engine can never go on (EngineLost), waiting up to `wait` seconds to find
+        out; None while it can. Asked after a device call failed."""
+        return None
 
 
 def buckets(max_seq_len: int) -> tuple[int, ...]:

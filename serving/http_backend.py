@@ -108,6 +108,10 @@ class _Events:
         if chunk.finish_reason == 'error':
             self.done = True
             raise ApiError(503, f'the engine failed: {chunk.stop_reason}', kind='server_error')
+        if chunk.finish_reason == 'unavailable':
+            self.done = True
+            raise ApiError(503, f'the server cannot serve: {chunk.stop_reason}',
+                           kind='unavailable')
         self.done = chunk.finish_reason is not None
         logprobs = None
         if self.logprobs:

@@ -37,11 +37,12 @@ import time
 import jax
 import numpy as np
 
-from serving.engine import Engine, SlotSettings, StepOutput
+from serving.engine import Engine, EngineLost, SlotSettings, StepOutput
 from serving.stops import StopMatcher
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+LOST_WAIT_S = 5.0  # after a failed step: time for the engine to say it is lost for good
 
 
 class QueueFull(Exception):
@@ -59,8 +60,9 @@ class Chunk:
     text: str = ''
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # 'stop', 'length', 'cancelled' or 'error'
-    stop_reason: str = ''  # the stop string or token id; the error message for 'error'
+    finish_reason: str | None = None  # 'stop', 'length', 'cancelled', 'error', 'unavailable'
+    # The stop string or token id; the message for 'error' and 'unavailable'.
+    stop_reason: str = ''
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -118,6 +120,7 @@ class Orchestrator:
         self._cond = threading.Condition()
         self._detok_queue: queue.Queue = queue.Queue()
         self._closing = self._draining = False
+        self._lost: str | None = None  # why the engine cannot go on (see abort)
         self._threads = [threading.Thread(target=self._engine_loop, name='glmjax-engine'),
                          threading.Thread(target=self._detok_loop, name='glmjax-detokenize')]
 
@@ -129,6 +132,8 @@ class Orchestrator:
 
     def submit(self, req: Request) -> None:
         with self._cond:
+            if self._lost is not None:
+                raise Draining(f'the server cannot serve: {self._lost}')
             if self._draining or self._closing:
                 raise Draining('the server is shutting down and accepts no new requests')
             busy = sum(s is not None for s in self._slots)
@@ -151,6 +156,20 @@ class Orchestrator:
             self._draining = True
             return self._cond.wait_for(self._idle, timeout=max(0.0, end - time.monotonic()))
 
+    def abort(self, message: str) -> None:
+        """The engine is gone for good (a process of the mesh died): every request waiting
+        or in flight ends 'unavailable' now, new ones are refused, the engine thread stops.
+        Safe from any thread, even while the engine thread is stuck in a device call."""
+        with self._cond:
+            if self._lost is not None:
+                return
+            self._lost = message
+            for req in list(self._pending) + [s for s in self._slots if s is not None]:
+                req.finish('unavailable', message)
+            self._pending.clear()
+            self._slots = [None] * len(self._slots)
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Cancels whatever is left and stops the threads."""
         with self._cond:
@@ -171,7 +190,7 @@ class Orchestrator:
         previous: list[tuple[StepOutput, list[Request | None]]] = []
         while True:
             with self._cond:
-                if self._closing and self._idle() and not previous:
+                if self._lost is not None or (self._closing and self._idle() and not previous):
                     break
                 if not previous and self._idle():
                     self._cond.wait(timeout=0.1)
@@ -181,7 +200,14 @@ class Orchestrator:
                 if previous:
                     self._emit(previous)
                 previous = current
+            except EngineLost as e:
+                log.error('engine lost: %s', e)
+                self.abort(str(e))
+                break
             except Exception as e:  # keep serving: fail the requests in flight, not the server
+                if (lost := self.engine.lost(wait=LOST_WAIT_S)) is not None:
+                    self.abort(lost)  # a device call failed because a peer process is gone
+                    break
                 log.exception('engine step failed')
                 previous = []
                 self._fail_all(f'engine error: {type(e).__name__}: {e}')

@@ -4,6 +4,17 @@
     glmjax-serve --checkpoint DIR         # a glmjax-convert output (Orbax + tokenizer.json)
     glmjax-serve --hf_dir DIR             # a Hugging Face checkpoint directory
 
+    glmjax-serve --mesh expert=4,tensor=2 # weights and KV cache sharded over the devices
+
+Several processes (a TPU pod slice, GPU nodes, launch/local.sh): every process runs the same
+command with --coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --distributed_auto on Cloud TPU and SLURM) and a
+--mesh over all their devices. Process 0 serves
+gRPC and HTTP and decides every step; the others follow it (serving/lockstep.py) over a
+connection to --lockstep_port on process 0. When a process dies or hangs, process 0 turns
+NOT_SERVING, answers requests in flight UNAVAILABLE and, like every process, exits with
+code 3. Followers ignore SIGTERM: they stop when process 0 has drained and says so.
+
 Listens at once (health NOT_SERVING), loads and compiles, then serves (health SERVING;
 HTTP /health answers 503 until then).
 Compiled programs persist in ~/.cache/glmjax/xla (GLMJAX_COMPILATION_CACHE=off: no).
@@ -15,16 +26,22 @@ import os
 import signal
 import sys
 import threading
+import time
 
+import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
 from glmjax import compile_cache
 from glmjax.config import GlmConfig
+from serving import lockstep
 from serving.chat import DEFAULT_TEMPLATE, ChatTemplate
-from serving.engine import GlmEngine
+from serving.engine import EngineLost, GlmEngine
 from serving.service import GlmServer
 from serving.tokenizer import Tokenizer
+from sharding import distributed
+from sharding.mesh import MeshError, make_mesh, parse_mesh
+from sharding.rules import PRESETS, RulesError, param_shardings
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'a glmjax-convert checkpoint directory')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'a Hugging Face checkpoint directory')
@@ -47,30 +64,51 @@ _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with -
 _TLS_KEY = flags.DEFINE_string('tls_key', None, 'PEM private key (with --tls_cert)')
 _GRACE = flags.DEFINE_float('drain_grace_s', 30.0, 'on SIGTERM, seconds in-flight requests '
                             'get to finish')
+_MESH = flags.DEFINE_string('mesh', None, 'device mesh over all devices of all processes, '
+                            'e.g. expert=4,tensor=2 (axes data, expert, tensor); default: one '
+                            'device (required with several processes)')
+_RULES = flags.DEFINE_enum('rules', 'decode_ep', list(PRESETS), 'how weights and the KV '
+                           'cache are laid out over the mesh (sharding/rules.py)')
+_PREFILL_CHUNK = flags.DEFINE_integer('prefill_chunk', 512, 'prompt tokens per prefill call; '
+                                      'longer prompts are prefilled in chunks')
+_LOCKSTEP_PORT = flags.DEFINE_integer('lockstep_port', None, 'several processes: the port on '
+                                      'process 0 that the others connect to (default: the '
+                                      'coordinator port + 1)')
+_PEER_TIMEOUT = flags.DEFINE_float('peer_timeout_s', 30.0, 'several processes: a process '
+                                   'silent this long is taken as hung')
+distributed.define_flags()
+FAILURE_LINGER_S = 5.0  # NOT_SERVING stays visible this long before a failed leader exits
 
 
 def load_model(checkpoint: str | None = None, hf_dir: str | None = None,
-               dtype: str | None = None):
+               dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+               rules: str | None = None):
     """(cfg, params, tokenizer, model name): a converted checkpoint, a Hugging Face directory,
-    or with neither the embedded default."""
+    or with neither the embedded default; sharded over `mesh` when given."""
     if checkpoint and hf_dir:
         raise app.UsageError('give --checkpoint or --hf_dir, not both')
     dtype = jnp.dtype(dtype) if dtype else None
-    if checkpoint:
+
+    def shardings(cfg: GlmConfig) -> dict | None:
         try:
-            from glmjax.checkpoint import load_checkpoint
-        except ImportError:
-            raise app.UsageError('--checkpoint is not available: this build of glmjax has no '
-                                 'load_checkpoint (glmjax/checkpoint.py); use --hf_dir') from None
-        cfg, params = load_checkpoint(checkpoint, dtype=dtype or jnp.bfloat16)
+            return None if mesh is None else param_shardings(cfg, mesh, rules)
+        except RulesError as e:
+            raise app.UsageError(f'--mesh/--rules: {e}') from None
+
+    if checkpoint:
+        from glmjax.checkpoint import load_checkpoint
+        cfg, params = load_checkpoint(checkpoint, dtype=dtype or jnp.bfloat16,
+                                      shardings=shardings(GlmConfig.from_hf(checkpoint)))
         return cfg, params, Tokenizer.from_dir(checkpoint), _name(checkpoint)
     if hf_dir:
         from glmjax.hf import load_hf
         cfg = GlmConfig.from_hf(hf_dir)
-        params = load_hf(hf_dir, cfg, dtype or jnp.bfloat16)
+        params = load_hf(hf_dir, cfg, dtype or jnp.bfloat16, shardings=shardings(cfg))
         return cfg, params, Tokenizer.from_dir(hf_dir), _name(hf_dir)
     from serving.default_model import default_model
     cfg, params, tokenizer = default_model(dtype or jnp.float32)
+    if mesh is not None:
+        params = jax.device_put(params, shardings(cfg))
     return cfg, params, tokenizer, 'glmjax-default-tiny-glm46'
 
 
@@ -107,18 +145,61 @@ def _tls() -> tuple[bytes, bytes] | None:
         return c.read(), k.read()
 
 
+def _mesh(processes: int) -> jax.sharding.Mesh | None:
+    if not _MESH.value:
+        if processes > 1:
+            raise app.UsageError(f'{processes} processes need --mesh over all '
+                                 f'{jax.device_count()} devices, e.g. '
+                                 f'--mesh=expert={jax.device_count()}')
+        return None
+    try:
+        return make_mesh(parse_mesh(_MESH.value))
+    except MeshError as e:
+        raise app.UsageError(f'--mesh: {e}') from None
+
+
+def _lockstep_address() -> tuple[str, int]:
+    """Process 0's host (the coordinator's) and the lockstep port on it."""
+    host, _, port = distributed.coordinator_address().rpartition(':')
+    return host.strip('[]'), _LOCKSTEP_PORT.value or int(port) + 1
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+        multi = distributed.initialize_from_flags()  # before anything touches a device
+    except distributed.DistributedError as e:
+        raise app.UsageError(str(e)) from None
+    process = jax.process_index()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        # A follower keeps following: the leader's drain still needs it.
+        signal.signal(sig, (lambda *_: stop.set()) if process == 0 else signal.SIG_IGN)
     compile_cache.enable()  # a restart loads the compiled buckets instead of compiling them
-    cfg, params, tokenizer, name = load_model(_CHECKPOINT.value, _HF_DIR.value, _DTYPE.value)
+    mesh = _mesh(jax.process_count())
+    cfg, params, tokenizer, name = load_model(_CHECKPOINT.value, _HF_DIR.value, _DTYPE.value,
+                                              mesh, _RULES.value)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise app.UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but the model '
                              f'only {cfg.vocab_size}')
-    engine = GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value)
+    try:
+        engine = GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
+                           mesh=mesh, rules=_RULES.value, prefill_chunk=_PREFILL_CHUNK.value)
+    except (ValueError, RulesError) as e:
+        raise app.UsageError(str(e)) from None
+    leader = None
+    if multi:
+        address = _lockstep_address()
+        if process > 0:
+            print(f'glmjax-serve: process {process} follows process 0 at '
+                  f'{address[0]}:{address[1]}', flush=True)
+            code = lockstep.follow(engine, process, address, _PEER_TIMEOUT.value)
+            print(f'glmjax-serve: process {process} stopped', flush=True)
+            logging.flush()
+            sys.exit(code)
+        leader = lockstep.Leader(address[1], jax.process_count() - 1, _PEER_TIMEOUT.value)
+        engine = lockstep.LeaderEngine(engine, leader)
     api_key = _API_KEY.value or os.environ.get('GLMJAX_API_KEY')
     server = GlmServer(engine, tokenizer, cfg, name, _MAX_QUEUE.value, _HOST.value,
                        _PORT.value, api_key, _tls()).start()
@@ -129,13 +210,31 @@ def main(argv):
                           _HTTP_HOST.value, _HTTP_PORT.value)
         print(f'glmjax-serve: HTTP API on http://{_HTTP_HOST.value}:{http.port}/v1',
               flush=True)
-    if not stop.is_set():
-        server.warmup()
-        print(f'glmjax-serve: serving {name} on port {server.port}', flush=True)
-    while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
+    lost = threading.Event()
+
+    def fail(message: str) -> None:
+        server.fail(message)
+        lost.set()
+
+    try:
+        if leader is not None:
+            leader.start(on_failure=fail)
+        if not stop.is_set():
+            server.warmup()
+            print(f'glmjax-serve: serving {name} on port {server.port}', flush=True)
+    except EngineLost as e:
+        fail(str(e))
+    while not stop.wait(0.5) and not lost.is_set():  # a timeout keeps signals responsive
         pass
+    if lost.is_set():
+        print(f'glmjax-serve: cannot serve: {server.failure}; exiting', flush=True)
+        time.sleep(FAILURE_LINGER_S)
+        logging.flush()
+        os._exit(lockstep.EXIT_PEER_LOST)  # the engine thread may be stuck in a collective
     print('glmjax-serve: shutting down, draining in-flight requests', flush=True)
     drained = server.shutdown(_GRACE.value)
+    if leader is not None:
+        leader.close()
     if http is not None:
         http.stop()
     print(f'glmjax-serve: stopped ({"drained" if drained else "grace period over"})',

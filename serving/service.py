@@ -169,6 +169,8 @@ class GlmServicer(pb_grpc.GlmServicer):
                 continue
             if chunk.finish_reason == 'error':
                 context.abort(grpc.StatusCode.INTERNAL, chunk.stop_reason)
+            if chunk.finish_reason == 'unavailable':
+                context.abort(grpc.StatusCode.UNAVAILABLE, chunk.stop_reason)
             if chunk.finish_reason == 'cancelled' and context.is_active():
                 # Only a server shutdown cancels a request whose client is still there.
                 context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -233,6 +235,7 @@ class GlmServer:
         self.limits = Limits(cfg.vocab_size, engine.max_seq_len, tuple(eos))
         self.orchestrator = Orchestrator(engine, max_queue)
         self.ready = self.stopping = False
+        self.failure: str | None = None
         workers = engine.max_batch + max_queue + 8  # every waiting stream holds a thread
         self.grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='glmjax-grpc'),
@@ -259,6 +262,8 @@ class GlmServer:
             self.health.set(name, status)
 
     def check_ready(self, context) -> None:
+        if self.failure is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f'the server cannot serve: {self.failure}')
         if not self.ready:
             context.abort(grpc.StatusCode.UNAVAILABLE, 'the model is still loading')
 
@@ -271,6 +276,14 @@ class GlmServer:
         self.orchestrator.start()
         self.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def fail(self, message: str) -> None:
+        """The engine is lost for good (a process of the mesh is gone): health NOT_SERVING,
+        every request in flight UNAVAILABLE with `message`, new ones refused."""
+        self.ready = False
+        self.failure = message
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.orchestrator.abort(message)
 
     def shutdown(self, grace: float) -> bool:
         """Stops admission (UNAVAILABLE), lets in-flight requests finish for up to `grace`

@@ -8,7 +8,7 @@ Settings come from the arguments, else the environment:
 None of them set: one process (or, with `auto=True`, JAX's own detection on TPU pods and
 SLURM). Programs with absl flags call `define_flags()` before parsing and
 `initialize_from_flags()` after; the flags are --coordinator_address, --num_processes,
---process_id.
+--process_id and --distributed_auto.
 
 Several processes on one machine (tests, launch/local.sh) work on CPU: each gets its own
 simulated devices (`cpu_devices`, or JAX_NUM_CPU_DEVICES) and the CPU collectives across
@@ -100,8 +100,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer('process_id', None, f'this process (default ${ENV["process_id"]})',
                          flag_values=flag_values)
+    flags.DEFINE_bool('distributed_auto', False, 'with none of the three above: let JAX find '
+                      'the processes itself (Cloud TPU pod slices, SLURM, ...)',
+                      flag_values=flag_values)
 
 
 def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS, **kwargs) -> bool:
     return initialize(flag_values.coordinator_address, flag_values.num_processes,
-                      flag_values.process_id, **kwargs)
+                      flag_values.process_id, auto=flag_values.distributed_auto, **kwargs)
+
+
+def coordinator_address() -> str | None:
+    """host:port of process 0's coordinator once initialized (given, or found by JAX's
+    auto-detection); None in a single process."""
+    from jax._src import distributed as jax_distributed  # JAX exposes it nowhere else
+    return jax_distributed.global_state.coordinator_address

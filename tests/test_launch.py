@@ -9,8 +9,10 @@ import sys
 import pytest
 
 LAUNCH = os.path.join(os.path.dirname(__file__), '..', 'launch')
+BENCHMARKS = os.path.join(os.path.dirname(__file__), '..', 'benchmarks')
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, '*.sh')) + glob.glob(os.path.join(LAUNCH,
-                                                                                  '*.sbatch')))
+                                                                                  '*.sbatch'))
+                 + glob.glob(os.path.join(BENCHMARKS, '*.sh')))
 
 
 def shellcheck() -> str:
@@ -49,7 +51,7 @@ def test_tpu_dry_run_and_required_flags():
                                '--accelerator-type v5p-16')
     assert lines[1].startswith('gcloud compute tpus tpu-vm ssh g --zone z --project p '
                                '--worker=all --command')
-    assert 'glmjax-serve' in lines[1] and 'gs://b/c' in lines[1]
+    assert 'glmjax-serve\\ --distributed_auto' in lines[1] and 'gs://b/c' in lines[1]
     missing = run('tpu_pod.sh', '--name', 'g', '--dry_run')
     assert missing.returncode == 2 and '--zone is required' in missing.stderr
     unknown = run('tpu_pod.sh', '--bogus')
@@ -64,6 +66,10 @@ def test_gke_dry_run_renders_every_value():
     for piece in ('image: reg/glmjax:1', '"gs://b/ck"', 'size: 8', 'gke-tpu-topology: 4x4x4',
                   'kind: LeaderWorkerSet', 'kind: Service'):
         assert piece in r.stdout
+    # Every pod joins its group's mesh: process ids and the leader's address from LWS.
+    assert r.stdout.count('"--process_id", "$(LWS_WORKER_INDEX)"') == 2
+    assert r.stdout.count('"$(LWS_LEADER_ADDRESS):12355"') == 2
+    assert 'leaderTemplate:' in r.stdout and 'glmjax/role: leader' in r.stdout
     assert run('gke.sh', '--dry_run').returncode == 2
 
 
@@ -77,3 +83,24 @@ def test_slurm_dry_run_uses_slurm_ranks():
     assert '--process_id ${SLURM_PROCID}' in r.stdout and '--num_processes 4' in r.stdout
     no_ckpt = run('slurm.sbatch', env={'DRY_RUN': '1', 'SLURM_NNODES': '2'})
     assert no_ckpt.returncode != 0 and 'CHECKPOINT' in no_ckpt.stderr
+
+
+def test_convert_job_dry_run_resumes_and_moves_the_data():
+    r = run('convert.sh', '--hf_dir', 'gs://b/GLM-4.6', '--out', 'gs://b/orbax', '--dtype',
+            'fp8', '--scratch', '/big', '--dry_run')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        'mkdir -p /big/hf ',
+        'gcloud storage rsync -r gs://b/GLM-4.6 /big/hf ',
+        'glmjax-convert --hf_dir /big/hf --out /big/orbax --dtype fp8 --workers 8 --resume ',
+        'gcloud storage rsync -r /big/orbax gs://b/orbax ']
+    local = run('convert.sh', '--hf_dir', '/hf', '--out', '/ck', '--dry_run')
+    assert local.stdout.splitlines() == [
+        'glmjax-convert --hf_dir /hf --out /ck --dtype bf16 --workers 8 --resume ']
+    job = run('convert.sh', '--hf_dir', '/hf', '--out', '/ck', '--slurm', '--mem', '256G',
+              '--dry_run')
+    assert job.stdout.startswith('sbatch --job-name=glmjax-convert ')
+    assert '--mem=256G' in job.stdout and '--requeue' in job.stdout
+    assert run('convert.sh', '--out', '/ck').returncode == 2
+    bad = run('convert.sh', '--hf_dir', '/hf', '--out', '/ck', '--dtype', 'fp4')
+    assert bad.returncode == 2 and '--dtype must be' in bad.stderr

@@ -1,0 +1,103 @@
+"""Decode speed and bandwidth utilisation of a real-width slice of GLM-4.6: the real hidden
+size, heads, experts and vocabulary, fewer layers (3 dense + the rest MoE, as the model
+starts), random weights, through the serving engine (GlmEngine: a scan of decode steps per
+call, reading only the filled part of the KV cache).
+
+  python3 benchmarks/bench_slice.py --layers 4 --batches 1,64                 # accelerator
+  python3 benchmarks/bench_slice.py --layers 2 --experts 16 --context 64 \\
+      --batches 1 --dtype float32                                             # CPU smoke run
+
+Bandwidth utilisation = bytes one decode step must read (bench_model.active_bytes: the
+experts the batch routes to at most, attention, norms, routers, the lm_head, the KV read)
+/ step time / the device's measured copy bandwidth (read + write of a large array).
+"""
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_PRESET = flags.DEFINE_enum('preset', 'glm-4.6', ['glm-4.6', 'glm-4.5', 'glm-4.5-air'],
+                            'published config to slice')
+_LAYERS = flags.DEFINE_integer('layers', 4, 'decoder layers (the first min(3, layers - 1) '
+                               'dense)')
+_EXPERTS = flags.DEFINE_integer('experts', 0, 'routed experts (0: the real number)')
+_BATCHES = flags.DEFINE_string('batches', '1,64', 'batch sizes')
+_CONTEXT = flags.DEFINE_integer('context', 1024, 'prompt tokens per row before decoding')
+_STEPS = flags.DEFINE_integer('steps', 32, 'decode steps per timed call')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'timed calls per figure')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'weights dtype')
+
+
+def device_bandwidth() -> float:
+    """Bytes/s of a large on-device copy, read + write (the same convention as bench_model)."""
+    n = (1 << 30 if jax.default_backend() != 'cpu' else 256 << 20) // 4
+    x = jnp.ones((n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def main(argv):
+    del argv
+    from bench_model import active_bytes
+
+    from glmjax import GlmConfig
+    from glmjax.model import init_params
+    from serving.engine import GlmEngine, SlotSettings
+
+    base = GlmConfig.preset(_PRESET.value)
+    L = _LAYERS.value
+    cfg = dataclasses.replace(
+        base, num_hidden_layers=L, first_k_dense_replace=min(base.first_k_dense_replace, L - 1),
+        n_routed_experts=_EXPERTS.value or base.n_routed_experts, eos_token_ids=())
+    dtype = jnp.dtype(_DTYPE.value)
+    params = init_params(cfg, dtype, mtp=False)
+    size = sum(x.nbytes for x in jax.tree.leaves(params))
+    bw = device_bandwidth()
+    print(f'{_PRESET.value} slice: {L} layers ({cfg.first_k_dense_replace} dense), '
+          f'D={cfg.hidden_size}, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, '
+          f'vocab {cfg.vocab_size}; {size / 1e9:.1f} GB of {dtype.name} weights on '
+          f'{jax.devices()[0].device_kind}; copy bandwidth {bw / 1e9:.0f} GB/s')
+    T, S, R = _CONTEXT.value, _STEPS.value, _REPEATS.value
+    print(f'context {T} tokens per row; {S} decode steps per call; median of {R} calls '
+          '(min-max)')
+    print(f'{"batch":>5} | {"ms/step":>18} | {"tokens/s":>10} | {"MB read/step":>12} | '
+          f'{"GB/s":>7} | utilisation')
+    for B in [int(b) for b in _BATCHES.value.split(',')]:
+        engine = GlmEngine(cfg, params, max_batch=B, max_seq_len=T + S * (R + 2),
+                           steps_per_call=S, prefill_chunk=min(T, 2048))
+        rng = np.random.RandomState(B)
+        for slot in range(B):
+            prompt = rng.randint(0, cfg.vocab_size, T).tolist()
+            engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
+        jax.block_until_ready(engine.generate())  # compile
+        times = []
+        for _ in range(R):
+            start = time.perf_counter()
+            jax.block_until_ready(engine.generate())
+            times.append((time.perf_counter() - start) / S)
+        step, lo, hi = statistics.median(times), min(times), max(times)
+        need = active_bytes(cfg, params, B, T + S * (R + 1) // 2)
+        print(f'{B:>5} | {step * 1e3:7.2f} ({lo * 1e3:.2f}-{hi * 1e3:.2f}) | '
+              f'{B / step:10.1f} | {need / 1e6:12.0f} | {need / step / 1e9:7.0f} | '
+              f'{need / step / bw:.0%}')
+        del engine
+
+
+if __name__ == '__main__':
+    app.run(main)

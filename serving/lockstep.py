@@ -1,0 +1,289 @@
+"""Multi-host serving: every process holds shards of the model, so every process must make
+the same jitted calls, with the same arguments, in the same order.
+
+    process 0 (leader)                                    process i > 0 (follower)
+    gRPC + HTTP -> Orchestrator                           follow(engine, ...)
+                     | engine calls                            ^
+                     v                                         |
+                  LeaderEngine --- one line of JSON per call --+ (TCP, leader listens)
+                     |  then the same call on its own GlmEngine      the same call
+                     v                                               v
+                  jitted call  <======== collectives over the mesh ========>  jitted call
+
+The leader alone decides each step (admissions, slots, sampling settings, frees); a decision
+reaches every follower before the leader makes the call itself. Outputs are replicated, so
+the leader reads them from its own devices and the followers drop theirs.
+
+Both sides send a heartbeat every `interval` seconds and read the other side on a thread of
+its own, so a process that dies (its connection closes) or hangs (its heartbeats stop for
+`timeout` seconds) is noticed even while the device loop is stuck in a collective that waits
+for it. The leader then reports the failure (`on_failure`; glmjax-serve turns health
+NOT_SERVING and answers in-flight requests UNAVAILABLE) and the followers exit non-zero.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from serving.engine import Engine, EngineLost, GlmEngine, Prefix, SlotSettings, StepOutput
+
+log = logging.getLogger(__name__)
+
+EXIT_PEER_LOST = 3  # a process exits with this when another process of the mesh is gone
+HEARTBEAT_S = 1.0
+# After a failed device call: how long to wait for the watch threads to name a lost peer.
+LOST_WAIT_S = 5.0
+
+
+def _send(sock: socket.socket, lock: threading.Lock, message: dict) -> None:
+    data = (json.dumps(message, separators=(',', ':')) + '\n').encode()
+    with lock:
+        sock.sendall(data)
+
+
+class _Reader:
+    """One peer's messages, a line of JSON each."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer, self.lines = sock, b'', []
+
+    def next(self, timeout: float) -> dict | None:
+        """The next message; None when the peer closed the connection. TimeoutError when
+        nothing, not even a heartbeat, came for `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        while not self.lines:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            *lines, self.buffer = (self.buffer + data).split(b'\n')
+            self.lines += lines
+        return json.loads(self.lines.pop(0))
+
+
+class Leader:
+    """Process 0's side. Listens at once; start() waits for every follower, then the leader
+    broadcasts calls and watches the followers."""
+
+    def __init__(self, port: int, followers: int, timeout: float,
+                 interval: float = HEARTBEAT_S):
+        self.port, self.followers = port, followers
+        self.timeout, self.interval = timeout, interval
+        self.on_failure = None
+        self.failed = threading.Event()
+        self.failure = ''
+        self._lock = threading.Lock()  # one writer at a time on the sockets
+        self._closing = False
+        self.peers: dict[int, socket.socket] = {}
+        self._readers: dict[int, _Reader] = {}
+        try:
+            self._server = socket.create_server(('', port))
+        except OSError as e:
+            raise EngineLost(f'cannot listen on lockstep port {port}: {e}') from None
+
+    def start(self, on_failure, connect_timeout: float = 600.0) -> None:
+        """Waits for every follower to connect (EngineLost if one does not in time), then
+        watches them: on_failure(message) is called once, from another thread, when one is
+        lost."""
+        self.on_failure = on_failure
+        self._server.settimeout(connect_timeout)
+        try:
+            while len(self.peers) < self.followers:
+                try:
+                    sock, address = self._server.accept()
+                except TimeoutError:
+                    missing = sorted(set(range(1, self.followers + 1)) - set(self.peers))
+                    raise EngineLost(f'processes {missing} did not connect to lockstep port '
+                                     f'{self.port} within {connect_timeout:.0f} s') from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader = _Reader(sock)
+                hello = reader.next(connect_timeout) or {}
+                if 'process' not in hello:
+                    raise EngineLost(f'a connection from {address[0]} to lockstep port '
+                                     f'{self.port} did not say which process it is')
+                self.peers[hello['process']] = sock
+                self._readers[hello['process']] = reader
+                log.info('process %d connected from %s', hello['process'], address[0])
+        finally:
+            self._server.close()
+        for process, reader in self._readers.items():
+            threading.Thread(target=self._watch, args=(process, reader), daemon=True,
+                             name=f'glmjax-watch-{process}').start()
+        threading.Thread(target=self._heartbeat, daemon=True, name='glmjax-heartbeat').start()
+
+    def _fail(self, message: str) -> None:
+        if self._closing or self.failed.is_set():
+            return
+        self.failure = message
+        self.failed.set()
+        log.error('%s', message)
+        self.on_failure(message)
+
+    def _watch(self, process: int, reader: _Reader) -> None:
+        try:
+            while reader.next(self.timeout) is not None:
+                pass
+            self._fail(f'process {process} closed its connection (it exited or crashed)')
+        except ConnectionError:  # reset rather than closed: gone all the same
+            self._fail(f'process {process} closed its connection (it exited or crashed)')
+        except TimeoutError:
+            self._fail(f'process {process} sent nothing for {self.timeout:.0f} s (hung)')
+        except (OSError, ValueError) as e:
+            self._fail(f'process {process}: connection failed: {e}')
+
+    def _heartbeat(self) -> None:
+        while not self.failed.wait(self.interval) and not self._closing:
+            try:
+                self.broadcast({'op': 'ping'})
+            except EngineLost:
+                return
+
+    def broadcast(self, message: dict) -> None:
+        if self.failed.is_set():
+            raise EngineLost(self.failure)
+        for process, sock in self.peers.items():
+            try:
+                _send(sock, self._lock, message)
+            except OSError as e:
+                self._fail(f'process {process}: cannot send: {e}')
+                raise EngineLost(self.failure) from None
+
+    def close(self) -> None:
+        """An orderly stop: the followers exit 0."""
+        if self.failed.is_set():
+            return
+        self._closing = True  # followers closing their connections now is no failure
+        try:
+            self.broadcast({'op': 'stop'})
+        except EngineLost:
+            return
+        for sock in self.peers.values():
+            sock.close()
+
+
+class LeaderEngine(Engine):
+    """The leader's engine: each call goes to the followers first, then runs here."""
+
+    def __init__(self, engine: GlmEngine, leader: Leader):
+        self.engine, self.leader = engine, leader
+        self.max_batch, self.max_seq_len = engine.max_batch, engine.max_seq_len
+        self.vocab_size, self.steps_per_call = engine.vocab_size, engine.steps_per_call
+        self.buckets = engine.buckets
+
+    def lost(self, wait: float = 0.0) -> str | None:
+        return self.leader.failure if self.leader.failed.wait(wait) else None
+
+    def _call(self, message: dict, run):
+        self.leader.broadcast(message)
+        try:
+            return run()
+        except Exception as e:
+            # A collective that lost its peer fails here: say so, rather than an engine bug.
+            if (failure := self.lost(wait=LOST_WAIT_S)) is not None:
+                raise EngineLost(failure) from e
+            raise
+
+    def prefill(self, tokens: list[int]) -> Prefix:
+        return self._call({'op': 'prefill', 'tokens': tokens},
+                          lambda: self.engine.prefill(tokens))
+
+    def insert(self, prefix: Prefix, slot: int, settings: SlotSettings) -> StepOutput:
+        return self._call({'op': 'insert', 'slot': slot, 'settings': settings.to_json()},
+                          lambda: self.engine.insert(prefix, slot, settings))
+
+    def generate(self) -> StepOutput:
+        return self._call({'op': 'generate'}, self.engine.generate)
+
+    def free(self, slot: int) -> None:
+        self._call({'op': 'free', 'slot': slot}, lambda: self.engine.free(slot))
+
+    def reset(self) -> None:
+        self._call({'op': 'reset'}, self.engine.reset)
+
+    def warmup(self) -> None:
+        self._call({'op': 'warmup'}, self.engine.warmup)
+
+
+def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(address, timeout=10)
+        except OSError as e:
+            if time.monotonic() > end:
+                raise EngineLost(f'cannot reach process 0 at {address[0]}:{address[1]} '
+                                 f'within {timeout:.0f} s: {e}') from None
+            time.sleep(0.2)
+
+
+def follow(engine: GlmEngine, process: int, address: tuple[str, int], timeout: float,
+           connect_timeout: float = 600.0, interval: float = HEARTBEAT_S) -> int:
+    """A follower's life: make every call the leader makes, until it says stop (returns 0).
+    When the leader is gone or silent for `timeout` seconds, the process exits at once with
+    EXIT_PEER_LOST, even if the device loop is stuck in a collective."""
+    sock = _connect(address, connect_timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    lock = threading.Lock()
+    _send(sock, lock, {'process': process})
+    calls: list[dict] = []
+    ready = threading.Condition()
+
+    def lost(message: str) -> None:
+        log.error('process 0 (the leader) %s; exiting', message)
+        logging.shutdown()
+        os._exit(EXIT_PEER_LOST)
+
+    def read() -> None:
+        reader = _Reader(sock)
+        try:
+            while (message := reader.next(timeout)) is not None:
+                if message['op'] == 'ping':
+                    continue
+                with ready:
+                    calls.append(message)
+                    ready.notify()
+                if message['op'] == 'stop':
+                    return
+            lost('closed its connection')
+        except ConnectionError:
+            lost('closed its connection')
+        except TimeoutError:
+            lost(f'sent nothing for {timeout:.0f} s')
+        except (OSError, ValueError) as e:
+            lost(f'connection failed: {e}')
+
+    def heartbeat() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                _send(sock, lock, {'op': 'ping'})
+            except OSError:
+                return  # the reader sees the closed connection
+
+    threading.Thread(target=read, daemon=True, name='glmjax-follow-read').start()
+    threading.Thread(target=heartbeat, daemon=True, name='glmjax-heartbeat').start()
+    prefix = None
+    while True:
+        with ready:
+            ready.wait_for(lambda: calls)
+            message = calls.pop(0)
+        op = message['op']
+        if op == 'stop':
+            log.info('process 0 stopped serving')
+            return 0
+        if op == 'prefill':
+            prefix = engine.prefill(message['tokens'])
+        elif op == 'insert':
+            engine.insert(prefix, message['slot'], SlotSettings.from_json(message['settings']))
+        elif op == 'generate':
+            engine.generate()
+        elif op == 'free':
+            engine.free(message['slot'])
+        elif op == 'reset':
+            engine.reset()
+        elif op == 'warmup':
+            engine.warmup()
+        else:
+            lost(f'sent an unknown call {op!r} (different glmjax versions?)')
