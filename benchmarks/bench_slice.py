@@ -7,7 +7,7 @@ call, reading only the filled part of the KV cache).
   python3 benchmarks/bench_slice.py --layers 2 --experts 16 --context 64 \\
       --batches 1 --dtype float32                                             # CPU smoke run
 
-Bandwidth utilisation = bytes one decode step must read (bench_model.active_bytes: the
+Bandwidth utilisation = bytes one decode step must read (roofline.active_bytes: the
 experts the batch routes to at most, attention, norms, routers, the lm_head, the KV read)
 / step time / the device's measured copy bandwidth (read + write of a large array).
 """
@@ -39,10 +39,16 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'weight
 
 
 def device_bandwidth() -> float:
-    """Bytes/s of a large on-device copy, read + write (the same convention as bench_model)."""
-    n = (1 << 30 if jax.default_backend() != 'cpu' else 256 << 20) // 4
-    x = jnp.ones((n,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
+    """Bytes/s of a large on-device copy, read + write (the same convention as bench_model).
+    On the CPU, numpy's copy, as bench_model measures it (XLA:CPU's elementwise ops do not
+    reach the memory bandwidth)."""
+    if jax.default_backend() == 'cpu':
+        x = np.ones(256 * 2**20 // 4, np.float32)
+        y = np.empty_like(x)
+        copy = lambda a: np.copyto(y, a) or jnp.zeros(())  # noqa: E731
+    else:
+        x = jnp.ones((1 << 30) // 4, jnp.float32)
+        copy = jax.jit(lambda a: a + 1.0)
     copy(x).block_until_ready()
     times = []
     for _ in range(7):
@@ -54,7 +60,7 @@ def device_bandwidth() -> float:
 
 def main(argv):
     del argv
-    from bench_model import active_bytes
+    from roofline import active_bytes
 
     from glmjax import GlmConfig
     from glmjax.model import init_params
