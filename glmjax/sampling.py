@@ -20,6 +20,7 @@ class SamplingParams:
                    top_p=jnp.full((batch,), top_p, jnp.float32))
 
 
+@jax.jit  # called outside jit too (after prefill): eagerly, each lax.cond would recompile
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """logits: fp32 [B, V] -> token ids [B] int32.
 
