@@ -68,7 +68,7 @@ def memory_bandwidth() -> float:
 def main(argv):
     del argv
     import torch
-    from roofline import active_bytes
+    from roofline import active_bytes, matmul_flops, prefill_flops
 
     import hf_tiny
     from glmjax import GlmConfig, init_cache, load_hf, prefill
@@ -83,10 +83,11 @@ def main(argv):
         params = load_hf(d, cfg, dtype=jnp.float32)
     cfg = dataclasses.replace(cfg, eos_token_ids=())
     T, N, R = _PROMPT.value, _NEW.value, _REPEATS.value
-    bw = memory_bandwidth()
+    bw, flops = memory_bandwidth(), matmul_flops()
     print(f'config {_CONFIG.value}: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, '
           f'{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; '
           f'prompt {T}, new tokens {N}; copy bandwidth {bw / 1e9:.1f} GB/s; '
+          f'fp32 matmul {flops / 1e9:.0f} GFLOP/s; '
           f'backend {jax.default_backend()}, {R} runs each (median, min-max)')
 
     def glm_run(B):
@@ -146,6 +147,8 @@ def main(argv):
         print(f'{B:>5} | {fmt(B * T, gp):>24} | {fmt(B * T, hp):>24} | {hp[0] / gp[0]:5.1f} | '
               f'{fmt(B * (N - 1), gd):>24} | {fmt(B * (N - 1), hd):>24} | '
               f'{hd[0] / gd[0]:5.1f}')
+        used = prefill_flops(cfg, params, B, T) / gp[0]
+        print(f'      prefill runs {used / 1e9:.0f} GFLOP/s: {used / flops:.0%} of matmul FLOP/s')
         if B == 1:
             step = gd[0] / (N - 1)
             need = active_bytes(cfg, params, 1, T + N // 2)

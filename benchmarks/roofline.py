@@ -22,3 +22,40 @@ def active_bytes(cfg, params, batch, seq) -> int:
     itemsize = m['embed'].dtype.itemsize  # the KV cache has the weights' dtype
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize * seq * batch
     return total + kv
+
+
+def prefill_flops(cfg, params, batch, seq) -> float:
+    """Multiply-adds x 2 of one prefill of `batch` prompts of `seq` tokens, as glmjax runs it:
+    every weight a token uses (its top-k experts, not all), causal attention (on average
+    seq / 2 keys per query), and the lm_head for the last position only."""
+    m = params['model']
+    elements = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    per_token = 0
+    for i, layer in m['layers'].items():
+        per_token += elements(layer['attn'])
+        mlp = layer['mlp']
+        if not cfg.is_moe_layer(i):
+            per_token += elements(mlp)
+            continue
+        experts = mlp['gate'].size + mlp['up'].size + mlp['down'].size
+        per_token += experts // cfg.n_routed_experts * cfg.num_experts_per_tok
+        per_token += elements(mlp['shared']) + mlp['router'].size
+    attention = 2 * cfg.num_attention_heads * cfg.head_dim * seq / 2 * cfg.num_hidden_layers
+    return 2 * batch * (seq * (per_token + attention) + m['lm_head'].size)
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul through XLA on the default device."""
+    import statistics
+    import time
+
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)

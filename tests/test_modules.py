@@ -1,5 +1,6 @@
 """Module-by-module parity with transformers, so that a failure says where."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,3 +87,25 @@ def test_final_norm(pair):
     with torch.no_grad():
         ref = model.model.norm(xt)
     np.testing.assert_allclose(np.asarray(ours.norm(jnp.asarray(x))), ref.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize('T,k,E,skew', [(7, 2, 4, False), (300, 4, 16, False),
+                                         (300, 4, 16, True), (64, 8, 160, False)])
+def test_tiled_experts_equal_dense_for_any_routing(T, k, E, skew):
+    """Groups of every size, tiles that span whole experts, most pairs on two experts, and
+    zero-weight pairs (experts on other shards) left out."""
+    from glmjax.moe import experts_dense, experts_tiled
+    F, D = 8, 16
+    rng = np.random.RandomState(T + E)
+    ids = np.stack([rng.choice(2 if skew and t % 5 else E, k, replace=False)
+                    if not skew or t % 5 == 0 else np.r_[rng.choice(2, 2, replace=False),
+                                                         rng.choice(np.arange(2, E), k - 2,
+                                                                    replace=False)]
+                    for t in range(T)]).astype(np.int32)
+    weights = rng.uniform(size=(T, k)).astype(np.float32)
+    weights[rng.uniform(size=(T, k)) < 0.1] = 0.0
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    gate, up, down = (rng.normal(size=(E, F, D)).astype(np.float32) / 4 for _ in range(3))
+    args = [jnp.asarray(a) for a in (x, weights, ids, gate, up, down)]
+    np.testing.assert_allclose(np.asarray(jax.jit(experts_tiled)(*args)),
+                               np.asarray(experts_dense(*args)), rtol=1e-5, atol=1e-5)
