@@ -121,8 +121,10 @@ def experts_tiled(x, weights, ids, gate, up, down):
     dest = jnp.where(group < E, (ends - padded)[jnp.minimum(group, E - 1)] + rank,
                      num_tiles * tile)  # past the end: dropped
     rows = jnp.zeros((num_tiles * tile, D), x.dtype).at[dest].set(x[order // k], mode='drop')
-    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * tile,
-                                               side='right'), E - 1)
+    # The expert whose padded group holds each tile: how many groups end at or before it.
+    # (Not jnp.searchsorted: it fails inside shard_map's manual axes.)
+    starts = jnp.arange(num_tiles) * tile
+    tile_expert = jnp.minimum(jnp.sum(ends[None, :] <= starts[:, None], axis=1), E - 1)
     filled = ends[-1] // tile
 
     def one(t):

@@ -171,6 +171,8 @@ def main(argv):
         multi = distributed.initialize_from_flags()  # before anything touches a device
     except distributed.DistributedError as e:
         raise app.UsageError(str(e)) from None
+    except (ValueError, RuntimeError) as e:  # no cluster detected, coordinator unreachable
+        raise app.UsageError(f'cannot join the other processes: {e}') from None
     process = jax.process_index()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
