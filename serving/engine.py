@@ -129,9 +129,9 @@ class Engine(abc.ABC):
     def warmup(self) -> None:
         """Compiles every shape that serving will use."""
 
-    def lost(self, wait: float = 0.0) -> str | None:
-        """Why the engine can never go on (EngineLost), waiting up to `wait` seconds to find
-        out; None while it can. Asked after a device call failed."""
+    def lost(self) -> str | None:
+        """Asked after a device call failed: why the engine can never go on (a process of
+        the mesh is gone), or None when it can."""
         return None
 
 

@@ -172,16 +172,18 @@ class LeaderEngine(Engine):
         self.vocab_size, self.steps_per_call = engine.vocab_size, engine.steps_per_call
         self.buckets = engine.buckets
 
-    def lost(self, wait: float = 0.0) -> str | None:
-        return self.leader.failure if self.leader.failed.wait(wait) else None
+    def lost(self) -> str | None:
+        # A collective that lost its peer may fail before the watch threads notice: wait.
+        return self.leader.failure if self.leader.failed.wait(LOST_WAIT_S) else None
 
     def _call(self, message: dict, run):
         self.leader.broadcast(message)
         try:
             return run()
         except Exception as e:
-            # A collective that lost its peer fails here: say so, rather than an engine bug.
-            if (failure := self.lost(wait=LOST_WAIT_S)) is not None:
+            # Say so when a peer is gone, rather than report an engine bug (warm-up is not
+            # run by the orchestrator, which asks lost() itself).
+            if (failure := self.lost()) is not None:
                 raise EngineLost(failure) from e
             raise
 

@@ -42,7 +42,6 @@ from serving.stops import StopMatcher
 from serving.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-LOST_WAIT_S = 5.0  # after a failed step: time for the engine to say it is lost for good
 
 
 class QueueFull(Exception):
@@ -200,14 +199,14 @@ class Orchestrator:
                 if previous:
                     self._emit(previous)
                 previous = current
-            except EngineLost as e:
-                log.error('engine lost: %s', e)
-                self.abort(str(e))
-                break
-            except Exception as e:  # keep serving: fail the requests in flight, not the server
-                if (lost := self.engine.lost(wait=LOST_WAIT_S)) is not None:
-                    self.abort(lost)  # a device call failed because a peer process is gone
+            except Exception as e:
+                # A device call can fail because a process of the mesh is gone: then stop.
+                lost = str(e) if isinstance(e, EngineLost) else self.engine.lost()
+                if lost is not None:
+                    log.error('engine lost: %s', lost)
+                    self.abort(lost)
                     break
+                # Otherwise keep serving: fail the requests in flight, not the server.
                 log.exception('engine step failed')
                 previous = []
                 self._fail_all(f'engine error: {type(e).__name__}: {e}')
@@ -263,6 +262,9 @@ class Orchestrator:
             prefix = self.engine.prefill(req.prompt)
             firsts.append((self.engine.insert(prefix, slot, req.settings), [req]))
             with self._cond:
+                if self._lost is not None:  # aborted while this request was being admitted
+                    req.finish('unavailable', self._lost)
+                    break
                 self._slots[slot] = req
         return firsts
 
