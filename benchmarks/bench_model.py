@@ -57,18 +57,10 @@ def fmt(tokens, t):
     return f'{tokens / med:9.1f} ({tokens / hi:.1f}-{tokens / lo:.1f})'
 
 
-def memory_bandwidth() -> float:
-    """Bytes/s of a large copy (read + write), the same way for every figure."""
-    x = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far above the caches
-    y = np.empty_like(x)
-    med, _, _ = timed(lambda: np.copyto(y, x), 7)
-    return 2 * x.nbytes / med
-
-
 def main(argv):
     del argv
     import torch
-    from roofline import active_bytes, matmul_flops, prefill_flops
+    from roofline import active_bytes, matmul_flops, memory_bandwidth, prefill_flops
 
     import hf_tiny
     from glmjax import GlmConfig, init_cache, load_hf, prefill

@@ -38,29 +38,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed calls per figure')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'weights dtype')
 
 
-def device_bandwidth() -> float:
-    """Bytes/s of a large on-device copy, read + write (the same convention as bench_model).
-    On the CPU, numpy's copy, as bench_model measures it (XLA:CPU's elementwise ops do not
-    reach the memory bandwidth)."""
-    if jax.default_backend() == 'cpu':
-        x = np.ones(256 * 2**20 // 4, np.float32)
-        y = np.empty_like(x)
-        copy = lambda a: np.copyto(y, a) or jnp.zeros(())  # noqa: E731
-    else:
-        x = jnp.ones((1 << 30) // 4, jnp.float32)
-        copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times)
-
-
 def main(argv):
     del argv
-    from roofline import active_bytes
+    from roofline import active_bytes, memory_bandwidth
 
     from glmjax import GlmConfig
     from glmjax.model import init_params
@@ -74,7 +54,7 @@ def main(argv):
     dtype = jnp.dtype(_DTYPE.value)
     params = init_params(cfg, dtype, mtp=False)
     size = sum(x.nbytes for x in jax.tree.leaves(params))
-    bw = device_bandwidth()
+    bw = memory_bandwidth()
     print(f'{_PRESET.value} slice: {L} layers ({cfg.first_k_dense_replace} dense), '
           f'D={cfg.hidden_size}, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, '
           f'vocab {cfg.vocab_size}; {size / 1e9:.1f} GB of {dtype.name} weights on '

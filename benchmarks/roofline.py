@@ -1,6 +1,34 @@
-"""What one decode step must read: the numerator of bandwidth utilisation."""
+"""The hardware bounds and the work a step must do: bytes a decode step reads, FLOPs a
+prefill runs, and this machine's copy bandwidth and matmul FLOP/s."""
+
+import statistics
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a large copy, counted as read + write. On the CPU numpy's copy (XLA:CPU's
+    elementwise ops do not reach the memory bandwidth); on an accelerator a jitted one."""
+    if jax.default_backend() == 'cpu':
+        x = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far above the caches
+        y = np.empty_like(x)
+        return 2 * x.nbytes / median_time(lambda: np.copyto(y, x), 7)
+    x = jnp.ones((1 << 30) // 4, jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    return 2 * x.nbytes / median_time(lambda: copy(x).block_until_ready(), 7)
 
 
 def active_bytes(cfg, params, batch, seq) -> int:
@@ -46,16 +74,7 @@ def prefill_flops(cfg, params, batch, seq) -> float:
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large fp32 matmul through XLA on the default device."""
-    import statistics
-    import time
-
-    import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / median_time(lambda: mm(a, a).block_until_ready(), repeats)
