@@ -11,7 +11,10 @@ The routed experts have more than one implementation, all computing the same sum
 - `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For prefill and
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
 - `tiled`: tokens sorted by expert into whole tiles, one plain matmul per tile. The same
-  work as `grouped`, fast on CPU (2.5-4.5x `dense` from 128 tokens up on the `small`
+  work as `grouped` whatever the routing.
+- `batched`: each expert's tokens in a block of the largest group's size, one batched
+  matmul that reads every expert's weights once, in place; `tiled` when the groups are
+  uneven. The fastest on CPU from one pair per expert up (1.3-2.3x `tiled` on the `small`
   benchmark config).
 Under a mesh with an `expert` axis > 1 (`jax.set_mesh`) any of them runs expert-parallel:
 each shard over its own experts, the partial sums added by a psum (`experts_parallel`).
@@ -93,6 +96,26 @@ def experts_grouped(x, weights, ids, gate, up, down):
     return jax.ops.segment_sum(y, order // k, num_segments=T)
 
 
+def _sort_pairs(weights, ids, E):
+    """The token-expert pairs in expert order. Returns (order: pair index of each sorted
+    slot, group: its expert, E for a pair of weight 0 (experts on other shards: never
+    computed), sizes: [E] pairs per expert, rank: each sorted pair's place in its group)."""
+    key = jnp.where(weights > 0, ids, E).reshape(-1)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=E + 1)
+    group = key[order]
+    rank = jnp.arange(key.shape[0]) - (jnp.cumsum(sizes) - sizes)[group]
+    return order, group, sizes[:E], rank
+
+
+def _combine(y, dest, order, weights, T, k):
+    """Each pair's output row (at `dest` in y; past the end: none) times its weight, summed
+    per token."""
+    pair_w = weights.reshape(-1)[order][:, None].astype(y.dtype)
+    return jax.ops.segment_sum(y.at[dest].get(mode='fill', fill_value=0) * pair_w, order // k,
+                               num_segments=T)
+
+
 def tile_rows(pairs: int, experts: int) -> int:
     """Rows per tile for `experts_tiled`: about the mean group size (a power of two in
     [8, 128]), so that padding stays small and each matmul is large enough to be efficient."""
@@ -104,27 +127,24 @@ def experts_tiled(x, weights, ids, gate, up, down):
     """The token-expert pairs sorted by expert, each expert's group padded to whole tiles,
     so that every tile belongs to one expert: one [tile, D] x [D, F] matmul per tile with
     that expert's weights, and the tiles past the last filled one are skipped. Computes only
-    the chosen pairs (plus padding) and reads each used expert once per tile. Exact and
-    dropless; pairs of weight 0 (experts on other shards) are left out."""
+    the chosen pairs (plus padding), whatever the routing. Exact and dropless; pairs of
+    weight 0 (experts on other shards) are left out. On XLA:CPU each tile copies its
+    expert's weights before the matmul, which `experts_batched` avoids."""
     T, k = ids.shape
     E, F, D = gate.shape
     n = T * k
     tile = tile_rows(n, E)
     num_tiles = -(-(n + E * (tile - 1)) // tile)  # the most any routing can fill
-    key = jnp.where(weights > 0, ids, E).reshape(-1)  # E: a group that is never computed
-    order = jnp.argsort(key, stable=True)
-    sizes = jnp.bincount(key, length=E + 1)[:E]
+    order, group, sizes, rank = _sort_pairs(weights, ids, E)
     padded = -(-sizes // tile) * tile
     ends = jnp.cumsum(padded)
-    group = key[order]
-    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[jnp.minimum(group, E - 1)]
-    dest = jnp.where(group < E, (ends - padded)[jnp.minimum(group, E - 1)] + rank,
-                     num_tiles * tile)  # past the end: dropped
+    starts = jnp.concatenate([jnp.zeros(1, ends.dtype), ends])  # [E + 1]: E is past the end
+    dest = jnp.where(group < E, starts[group] + rank, num_tiles * tile)
     rows = jnp.zeros((num_tiles * tile, D), x.dtype).at[dest].set(x[order // k], mode='drop')
     # The expert whose padded group holds each tile: how many groups end at or before it.
     # (Not jnp.searchsorted: it fails inside shard_map's manual axes.)
-    starts = jnp.arange(num_tiles) * tile
-    tile_expert = jnp.minimum(jnp.sum(ends[None, :] <= starts[:, None], axis=1), E - 1)
+    first_rows = jnp.arange(num_tiles) * tile
+    tile_expert = jnp.minimum(jnp.sum(ends[None, :] <= first_rows[:, None], axis=1), E - 1)
     filled = ends[-1] // tile
 
     def one(t):
@@ -137,22 +157,63 @@ def experts_tiled(x, weights, ids, gate, up, down):
         return jax.lax.cond(t < filled, compute, jnp.zeros_like, xt)
 
     y = jax.lax.map(one, jnp.arange(num_tiles)).reshape(num_tiles * tile, D)
-    pair_w = weights.reshape(-1)[order]
-    y = y.at[dest].get(mode='fill', fill_value=0) * pair_w[:, None].astype(y.dtype)
-    return jax.ops.segment_sum(y, order // k, num_segments=T)
+    return _combine(y, dest, order, weights, T, k)
+
+
+def capacities(pairs: int, experts: int, tokens: int) -> list[int]:
+    """Rows per expert that `experts_batched` compiles for: from the mean group size up to
+    twice it (and at least 8 above it), four steps per doubling, at most `tokens` (no group
+    is larger: a token picks distinct experts)."""
+    mean = -(-pairs // experts)
+    upper = max(2 * mean, mean + 8)
+    steps = sorted({p * m // 4 for i in range(tokens.bit_length() + 1) for p in [1 << i]
+                    for m in (4, 5, 6, 7) if p * m % 4 == 0})
+    caps = [c for c in steps if mean <= c <= upper and c < tokens]
+    return caps + [tokens] if tokens <= upper else caps
+
+
+def experts_batched(x, weights, ids, gate, up, down):
+    """Each expert's pairs in a block of C rows, C the largest group rounded up to one of
+    `capacities`, and one batched matmul over all experts: every expert's weights are read
+    once, in place (the fastest on CPU while the groups are even, as in decode and
+    prefill batches). When the largest group is over twice the mean, it runs
+    `experts_tiled`, which does not pay for the imbalance. Exact and dropless."""
+    T, k = ids.shape
+    E, F, D = gate.shape
+    order, group, sizes, rank = _sort_pairs(weights, ids, E)
+    caps = capacities(T * k, E, T)
+
+    def blocks(C):
+        def run(x, weights, ids, gate, up, down):
+            dest = jnp.where(group < E, group * C + rank, E * C)
+            rows = jnp.zeros((E * C, D), x.dtype).at[dest].set(x[order // k], mode='drop')
+            # The weights lead each matmul, contracted in their stored [E, F, D] layout: the
+            # forms XLA:CPU runs fastest at small C (BENCHMARKS.md).
+            xt = rows.reshape(E, C, D).transpose(0, 2, 1)  # [E, D, C]
+            h = (jax.nn.silu(jnp.einsum('efd,edc->efc', gate, xt))
+                 * jnp.einsum('efd,edc->efc', up, xt))
+            y = jnp.einsum('efc,efd->ecd', h, down).reshape(E * C, D)
+            return _combine(y, dest, order, weights, T, k)
+        return run
+
+    branches = [blocks(C) for C in caps]
+    if caps[-1] < T:
+        branches.append(experts_tiled)
+    choice = jnp.sum(jnp.asarray(caps) < jnp.max(sizes))
+    return jax.lax.switch(choice, branches, x, weights, ids, gate, up, down)
 
 
 EXPERT_IMPLS = {'dense': experts_dense, 'gather': experts_gather, 'grouped': experts_grouped,
-                'tiled': experts_tiled}
+                'tiled': experts_tiled, 'batched': experts_batched}
 
 
 def choose_impl(cfg: GlmConfig, num_tokens: int) -> str:
     """Measured choice per backend (BENCHMARKS.md): gather when the token-expert pairs touch
-    fewer experts than exist, else tiled on CPU (XLA:CPU's ragged dot computes every group
-    for every row; dense computes every expert) and grouped elsewhere."""
+    fewer experts than exist, else batched on CPU (XLA:CPU's ragged dot computes every group
+    for every row) and grouped elsewhere."""
     if num_tokens * cfg.num_experts_per_tok < cfg.n_routed_experts:
         return 'gather'
-    return 'tiled' if jax.default_backend() == 'cpu' else 'grouped'
+    return 'batched' if jax.default_backend() == 'cpu' else 'grouped'
 
 
 def expert_shards() -> int:

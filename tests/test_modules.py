@@ -91,10 +91,12 @@ def test_final_norm(pair):
 
 @pytest.mark.parametrize('T,k,E,skew', [(7, 2, 4, False), (300, 4, 16, False),
                                          (300, 4, 16, True), (64, 8, 160, False)])
-def test_tiled_experts_equal_dense_for_any_routing(T, k, E, skew):
-    """Groups of every size, tiles that span whole experts, most pairs on two experts, and
-    zero-weight pairs (experts on other shards) left out."""
-    from glmjax.moe import experts_dense, experts_tiled
+@pytest.mark.parametrize('impl', ['tiled', 'batched'])
+def test_sorted_experts_equal_dense_for_any_routing(T, k, E, skew, impl):
+    """Groups of every size, tiles that span whole experts, most pairs on two experts (for
+    `batched`: past its capacities, so run tiled), and zero-weight pairs (experts on other
+    shards) left out."""
+    from glmjax.moe import EXPERT_IMPLS, capacities, experts_dense
     F, D = 8, 16
     rng = np.random.RandomState(T + E)
     ids = np.stack([rng.choice(2 if skew and t % 5 else E, k, replace=False)
@@ -107,5 +109,7 @@ def test_tiled_experts_equal_dense_for_any_routing(T, k, E, skew):
     x = rng.normal(size=(T, D)).astype(np.float32)
     gate, up, down = (rng.normal(size=(E, F, D)).astype(np.float32) / 4 for _ in range(3))
     args = [jnp.asarray(a) for a in (x, weights, ids, gate, up, down)]
-    np.testing.assert_allclose(np.asarray(jax.jit(experts_tiled)(*args)),
+    largest = np.bincount(ids[weights > 0], minlength=E).max()
+    assert (largest > capacities(T * k, E, T)[-1]) == skew
+    np.testing.assert_allclose(np.asarray(jax.jit(EXPERT_IMPLS[impl])(*args)),
                                np.asarray(experts_dense(*args)), rtol=1e-5, atol=1e-5)
