@@ -7,19 +7,20 @@ from flax import struct
 from glmjax.config import GlmConfig
 
 # Logical axes of each cache array, mapped to the mesh by sharding/ like the parameters.
-KV_AXES = ('batch', 'seq', 'kv_heads', 'head_dim')
+# Heads before positions, so that attention reads each head's keys and values in place.
+KV_AXES = ('batch', 'kv_heads', 'seq', 'head_dim')
 LENGTHS_AXES = ('batch',)
 
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # [B] int32: filled positions per row; the next token goes there
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def layers(self) -> list[tuple[jax.Array, jax.Array]]:
         return list(zip(self.k, self.v))
@@ -33,7 +34,7 @@ def cache_shapes(cfg: GlmConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
                  num_layers: int | None = None) -> KVCache:
     """ShapeDtypeStructs of a cache; `num_layers` defaults to the main stack."""
     L = cfg.num_hidden_layers if num_layers is None else num_layers
-    kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_key_value_heads, cfg.head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((batch, cfg.num_key_value_heads, max_len, cfg.head_dim), dtype)
     return KVCache(k=(kv,) * L, v=(kv,) * L,
                    lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
 

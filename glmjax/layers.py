@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         """x: [B, T, D]; positions: [B, T] absolute positions of the new tokens.
 
         Without `kv` the keys are the T new tokens (a full causal forward). With `kv`
-        ([B, S, K, H] each) the new keys are written at their positions and the queries
+        ([B, K, S, H] each) the new keys are written at their positions and the queries
         attend over the cache; a key is visible when its position is <= the query's.
         `kv_len` (static) bounds every row's length after this call: attention then reads
         only the first kv_len cache positions instead of all S.
@@ -107,31 +107,36 @@ class Attention(nnx.Module):
 
         if kv is None:
             key_positions = positions  # [B, S=T]
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
         else:
             rows = jnp.arange(x.shape[0])[:, None]
-            # Positions past the cache end are dropped: only padding ever lands there.
-            k = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode='drop')
-            v = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode='drop')
+            # [B, T, K, H] values land at [row, :, position]. Positions past the cache end
+            # are dropped: only padding ever lands there.
+            k = kv[0].at[rows, :, positions].set(k.astype(kv[0].dtype), mode='drop')
+            v = kv[1].at[rows, :, positions].set(v.astype(kv[1].dtype), mode='drop')
             kv = (k, v)
             if kv_len is not None:
-                k, v = k[:, :kv_len], v[:, :kv_len]
-            key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), (x.shape[0], k.shape[1]))
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            key_positions = jnp.broadcast_to(jnp.arange(k.shape[2]), (x.shape[0], k.shape[2]))
         visible = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), visible, cfg.head_dim ** -0.5)
-        return jnp.einsum('BTNH,NHD->BTD', out, self.o[...]), kv
+        # As one [N*H, D] matmul: an einsum over (N, H) had XLA:CPU transpose the whole
+        # weight to match the attention output's layout, every step.
+        B, T, N, H = out.shape
+        return out.reshape(B, T, N * H) @ self.o[...].reshape(N * H, -1), kv
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
            scale: float) -> jax.Array:
-    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; visible: [B, T, S]."""
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, K, S, H]; visible: [B, T, S]."""
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k) * scale
+    scores = jnp.einsum('BTKGH,BKSH->BKGTS', q, k) * scale
     scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, v)
     return out.reshape(B, T, N, H)
 
 

@@ -180,8 +180,8 @@ def cache_shardings(cfg: GlmConfig, mesh: Mesh, cache_shape_tree: KVCache,
     warnings = set()
 
     def one(array, axes, what):
-        if axes == KV_AXES and tuple(array.shape[2:]) != (K, H):
-            raise RulesError(f'{what} has shape {array.shape}; the config wants [B, S, {K}, {H}]')
+        if axes == KV_AXES and (array.shape[1], array.shape[3]) != (K, H):
+            raise RulesError(f'{what} has shape {array.shape}; the config wants [B, {K}, S, {H}]')
         spec, warning = partition_spec(rules, mesh, axes, array.shape, what)
         warnings.add(warning)
         return NamedSharding(mesh, spec)

@@ -96,4 +96,4 @@ def test_bounded_cache_read_changes_nothing(params):
     np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [7, 4]], rtol=0, atol=1e-5)
     logits, cache = decode(CFG, params, jnp.asarray(seqs[[0, 1], [8, 5]]), cache, kv_len=16)
     np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [8, 5]], rtol=0, atol=1e-5)
-    assert cache.k[0].shape[1] == 64  # the cache keeps its size; only the read is bounded
+    assert cache.k[0].shape[2] == 64  # the cache keeps its size; only the read is bounded

@@ -121,7 +121,7 @@ def test_kv_heads_beyond_their_count_are_replicated_loudly(cfg, caplog):
     with caplog.at_level(logging.WARNING, logger='sharding.rules'):
         cache = sharding.cache_shardings(cfg, sharding.make_mesh({'expert': 4, 'tensor': 2}),
                                          cache_shapes(cfg, 2, 16))
-    assert not caplog.records and cache.k[0].spec == jax.P(None, None, 'tensor', None)
+    assert not caplog.records and cache.k[0].spec == jax.P(None, 'tensor', None, None)
 
 
 def test_full_size_glm46_shardings_split_the_experts():
