@@ -31,17 +31,6 @@ _NEW = flags.DEFINE_integer('new_tokens', 128, 'generated tokens per row')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'runs per figure')
 _BW_ONLY = flags.DEFINE_bool('bandwidth_only', False, 'only the bandwidth figures')
 
-CONFIGS = {
-    'tiny': dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                 first_k_dense_replace=1),
-    'small': dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096,
-                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-                  head_dim=64, moe_intermediate_size=512, n_routed_experts=32,
-                  num_experts_per_tok=4, first_k_dense_replace=1),
-}
-
 
 def timed(fn, repeats):
     times = []
@@ -60,6 +49,7 @@ def fmt(tokens, t):
 def main(argv):
     del argv
     import torch
+    from configs import CONFIGS
     from roofline import active_bytes, matmul_flops, memory_bandwidth, prefill_flops
 
     import hf_tiny

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 _TOKENS = flags.DEFINE_string('tokens', '1,8,32,128,1024,4096', 'tokens per call')
-_IMPLS = flags.DEFINE_string('impls', 'dense,gather,tiled,grouped', 'implementations')
+_IMPLS = flags.DEFINE_string('impls', 'dense,gather,tiled,batched,grouped', 'implementations')
 _EXPERTS = flags.DEFINE_integer('experts', 32, 'routed experts')
 _TOP_K = flags.DEFINE_integer('top_k', 4, 'experts per token')
 _WIDTH = flags.DEFINE_integer('width', 512, "each expert's intermediate size")

@@ -12,10 +12,10 @@ The routed experts have more than one implementation, all computing the same sum
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
 - `tiled`: tokens sorted by expert into whole tiles, one plain matmul per tile. The same
   work as `grouped` whatever the routing.
-- `batched`: each expert's tokens in a block of the largest group's size, one batched
-  matmul that reads every expert's weights once, in place; `tiled` when the groups are
-  uneven. The fastest on CPU from one pair per expert up (1.3-2.3x `tiled` on the `small`
-  benchmark config).
+- `batched`: each expert's tokens in a block of the largest group's size (at most twice
+  the mean), one batched matmul that reads every expert's weights once, in place; `tiled`
+  for the pairs of larger groups past that. The fastest on CPU from one pair per expert
+  up (BENCHMARKS.md).
 Under a mesh with an `expert` axis > 1 (`jax.set_mesh`) any of them runs expert-parallel:
 each shard over its own experts, the partial sums added by a psum (`experts_parallel`).
 """
@@ -175,17 +175,17 @@ def capacities(pairs: int, experts: int, tokens: int) -> list[int]:
 def experts_batched(x, weights, ids, gate, up, down):
     """Each expert's pairs in a block of C rows, C the largest group rounded up to one of
     `capacities`, and one batched matmul over all experts: every expert's weights are read
-    once, in place (the fastest on CPU while the groups are even, as in decode and
-    prefill batches). When the largest group is over twice the mean, it runs
-    `experts_tiled`, which does not pay for the imbalance. Exact and dropless."""
+    once, in place (the fastest on CPU). When a group is larger than the largest capacity
+    (uneven routing), its pairs past that many go through `experts_tiled`, which pays only
+    for the pairs it gets. Exact and dropless."""
     T, k = ids.shape
     E, F, D = gate.shape
     order, group, sizes, rank = _sort_pairs(weights, ids, E)
     caps = capacities(T * k, E, T)
 
     def blocks(C):
-        def run(x, weights, ids, gate, up, down):
-            dest = jnp.where(group < E, group * C + rank, E * C)
+        def run(x, weights):
+            dest = jnp.where((group < E) & (rank < C), group * C + rank, E * C)
             rows = jnp.zeros((E * C, D), x.dtype).at[dest].set(x[order // k], mode='drop')
             # The weights lead each matmul, contracted in their stored [E, F, D] layout: the
             # forms XLA:CPU runs fastest at small C (BENCHMARKS.md).
@@ -196,11 +196,16 @@ def experts_batched(x, weights, ids, gate, up, down):
             return _combine(y, dest, order, weights, T, k)
         return run
 
-    branches = [blocks(C) for C in caps]
-    if caps[-1] < T:
-        branches.append(experts_tiled)
-    choice = jnp.sum(jnp.asarray(caps) < jnp.max(sizes))
-    return jax.lax.switch(choice, branches, x, weights, ids, gate, up, down)
+    largest = jnp.max(sizes)
+    choice = jnp.minimum(jnp.sum(jnp.asarray(caps) < largest), len(caps) - 1)
+    y = jax.lax.switch(choice, [blocks(C) for C in caps], x, weights)
+    if caps[-1] >= T:  # every group fits
+        return y
+    # The pairs past the chosen capacity, by their place in their expert's group.
+    place = jnp.zeros(T * k, rank.dtype).at[order].set(rank).reshape(T, k)
+    rest = jnp.where(place >= jnp.asarray(caps)[choice], weights, 0.0)
+    return y + jax.lax.cond(largest > caps[-1], experts_tiled, lambda x, *_: jnp.zeros_like(x),
+                            x, rest, ids, gate, up, down)
 
 
 EXPERT_IMPLS = {'dense': experts_dense, 'gather': experts_gather, 'grouped': experts_grouped,

@@ -1,13 +1,23 @@
 """The cached path equals the full forward; rows of different lengths; bf16 against fp32."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmjax import GlmConfig, decode, forward, init_cache, init_params, prefill
+from glmjax import (
+    GlmConfig,
+    abstract_params,
+    cache_shapes,
+    decode,
+    forward,
+    init_cache,
+    init_params,
+    prefill,
+)
 
 CFG = dataclasses.replace(
     GlmConfig.preset('glm-4.6'), vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -97,3 +107,20 @@ def test_bounded_cache_read_changes_nothing(params):
     logits, cache = decode(CFG, params, jnp.asarray(seqs[[0, 1], [8, 5]]), cache, kv_len=16)
     np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [8, 5]], rtol=0, atol=1e-5)
     assert cache.k[0].shape[2] == 64  # the cache keeps its size; only the read is bounded
+
+
+def test_decode_reads_the_cache_and_weights_in_place():
+    """The compiled step copies no array as large as one layer's cache or an attention
+    weight: such a copy (a layout change XLA inserts) would cross memory again each step."""
+    cfg = dataclasses.replace(CFG, hidden_size=256, num_attention_heads=8, head_dim=32,
+                              num_key_value_heads=4, max_position_embeddings=1024)
+    B, S = 8, 512
+    hlo = decode.lower(cfg, abstract_params(cfg, jnp.float32),
+                       jax.ShapeDtypeStruct((B,), jnp.int32),
+                       cache_shapes(cfg, B, S, jnp.float32)).compile().as_text()
+    smallest = min(B * S * cfg.num_key_value_heads * cfg.head_dim,  # one layer's k
+                   cfg.num_attention_heads * cfg.head_dim * cfg.hidden_size)  # attention o
+    copies = [line.strip()[:120] for line in hlo.splitlines()
+              if (m := re.search(r'= f32\[([\d,]+)\]\S* (copy|transpose)\(', line))
+              and np.prod([int(n) for n in m.group(1).split(',')]) >= smallest]
+    assert not copies, copies
