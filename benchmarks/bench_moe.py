@@ -7,13 +7,14 @@ Shapes default to the `small` benchmark config (32 experts of width 512, top-4, 
 fp32); random routing. Median of --repeats calls, in ms.
 """
 
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, __file__.rsplit('/', 1)[0])
 
 _TOKENS = flags.DEFINE_string('tokens', '1,8,32,128,1024,4096', 'tokens per call')
 _IMPLS = flags.DEFINE_string('impls', 'dense,gather,tiled,batched,grouped', 'implementations')
@@ -26,6 +27,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed calls')
 
 def main(argv):
     del argv
+    from roofline import median_time
+
     from glmjax.moe import EXPERT_IMPLS
     E, k, F, D = _EXPERTS.value, _TOP_K.value, _WIDTH.value, _HIDDEN.value
     rng = np.random.RandomState(0)
@@ -41,13 +44,9 @@ def main(argv):
         row = []
         for name in impls:
             f = jax.jit(EXPERT_IMPLS[name])
-            f(x, w, ids, *weights).block_until_ready()
-            times = []
-            for _ in range(_REPEATS.value):
-                start = time.perf_counter()
-                f(x, w, ids, *weights).block_until_ready()
-                times.append(time.perf_counter() - start)
-            row.append(f'{statistics.median(times) * 1e3:9.1f}')
+            call = lambda f=f, args=(x, w, ids, *weights): f(*args).block_until_ready()  # noqa: E731
+            call()  # compile
+            row.append(f'{median_time(call, _REPEATS.value) * 1e3:9.1f}')
         print(f'{T:>6} | ' + ' | '.join(row), flush=True)
 
 

@@ -182,6 +182,7 @@ def experts_batched(x, weights, ids, gate, up, down):
     E, F, D = gate.shape
     order, group, sizes, rank = _sort_pairs(weights, ids, E)
     caps = capacities(T * k, E, T)
+    cap_sizes = jnp.asarray(caps)
 
     def blocks(C):
         def run(x, weights):
@@ -197,13 +198,13 @@ def experts_batched(x, weights, ids, gate, up, down):
         return run
 
     largest = jnp.max(sizes)
-    choice = jnp.minimum(jnp.sum(jnp.asarray(caps) < largest), len(caps) - 1)
+    choice = jnp.minimum(jnp.sum(cap_sizes < largest), len(caps) - 1)
     y = jax.lax.switch(choice, [blocks(C) for C in caps], x, weights)
     if caps[-1] >= T:  # every group fits
         return y
     # The pairs past the chosen capacity, by their place in their expert's group.
     place = jnp.zeros(T * k, rank.dtype).at[order].set(rank).reshape(T, k)
-    rest = jnp.where(place >= jnp.asarray(caps)[choice], weights, 0.0)
+    rest = jnp.where(place >= cap_sizes[choice], weights, 0.0)
     return y + jax.lax.cond(largest > caps[-1], experts_tiled, lambda x, *_: jnp.zeros_like(x),
                             x, rest, ids, gate, up, down)
 
