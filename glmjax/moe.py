@@ -10,8 +10,8 @@ The routed experts have more than one implementation, all computing the same sum
   where reading all E experts would be the whole cost.
 - `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For prefill and
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
-- `tiled`: tokens sorted by expert into whole tiles, one plain matmul per tile. The same
-  work as `grouped` whatever the routing.
+- `tiled`: tokens sorted by expert, each expert's weights read once and its rows run in
+  tiles of plain matmuls. The same work as `grouped` whatever the routing.
 - `batched`: each expert's tokens in a block of the largest group's size (at most twice
   the mean), one batched matmul that reads every expert's weights once, in place; `tiled`
   for the pairs of larger groups past that. The fastest on CPU from one pair per expert
@@ -116,48 +116,57 @@ def _combine(y, dest, order, weights, T, k):
                                num_segments=T)
 
 
-def tile_rows(pairs: int, experts: int) -> int:
-    """Rows per tile for `experts_tiled`: about the mean group size (a power of two in
-    [8, 128]), so that padding stays small and each matmul is large enough to be efficient."""
+def tile_rows(pairs: int, experts: int) -> tuple[int, int]:
+    """Rows per tile for `experts_tiled`: large tiles for whole runs of a group (efficient
+    matmuls), then small ones for the rest (about the mean group size, a power of two in
+    [8, 32]), so that each expert pads under `small` rows."""
     mean = max(1, pairs // experts)
-    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+    return 256, int(min(32, max(8, 1 << (mean - 1).bit_length())))
 
 
 def experts_tiled(x, weights, ids, gate, up, down):
-    """The token-expert pairs sorted by expert, each expert's group padded to whole tiles,
-    so that every tile belongs to one expert: one [tile, D] x [D, F] matmul per tile with
-    that expert's weights, and the tiles past the last filled one are skipped. Computes only
-    the chosen pairs (plus padding), whatever the routing. Exact and dropless; pairs of
-    weight 0 (experts on other shards) are left out. On XLA:CPU each tile copies its
-    expert's weights before the matmul, which `experts_batched` avoids."""
+    """The token-expert pairs sorted by expert; for each expert that has any, its weights
+    read once and its rows run through plain matmuls in tiles of `tile_rows`. The last tile
+    of a group runs on into the next group's rows, which that group's own tiles (later in
+    the loop) overwrite: no padding between groups, and work for only the chosen pairs,
+    whatever the routing. Exact and dropless; pairs of weight 0 (experts on other shards)
+    are left out."""
     T, k = ids.shape
     E, F, D = gate.shape
     n = T * k
-    tile = tile_rows(n, E)
-    num_tiles = -(-(n + E * (tile - 1)) // tile)  # the most any routing can fill
+    big, small = tile_rows(n, E)
     order, group, sizes, rank = _sort_pairs(weights, ids, E)
-    padded = -(-sizes // tile) * tile
-    ends = jnp.cumsum(padded)
-    starts = jnp.concatenate([jnp.zeros(1, ends.dtype), ends])  # [E + 1]: E is past the end
-    dest = jnp.where(group < E, starts[group] + rank, num_tiles * tile)
-    rows = jnp.zeros((num_tiles * tile, D), x.dtype).at[dest].set(x[order // k], mode='drop')
-    # The expert whose padded group holds each tile: how many groups end at or before it.
-    # (Not jnp.searchsorted: it fails inside shard_map's manual axes.)
-    first_rows = jnp.arange(num_tiles) * tile
-    tile_expert = jnp.minimum(jnp.sum(ends[None, :] <= first_rows[:, None], axis=1), E - 1)
-    filled = ends[-1] // tile
+    starts = jnp.cumsum(sizes) - sizes
+    # `big` rows of room past the pairs, so that no tile's slice is moved back (clamped).
+    rows = jnp.zeros((n + big, D), x.dtype).at[:n].set(x[order // k])
+    present = jnp.nonzero(sizes, size=E, fill_value=0)[0]
 
-    def one(t):
-        def compute(xt):
-            e = tile_expert[t]
-            h = jax.nn.silu(xt @ gate[e].T) * (xt @ up[e].T)
-            return h @ down[e]
+    def expert(i, y):
+        e = present[i]
+        g, u, d = gate[e], up[e], down[e]  # one copy of this expert's weights
 
-        xt = jax.lax.dynamic_slice_in_dim(rows, t * tile, tile)
-        return jax.lax.cond(t < filled, compute, jnp.zeros_like, xt)
+        def tiles(size, first, count, y):
+            def one(j, y):
+                xt = jax.lax.dynamic_slice_in_dim(rows, first + j * size, size)
+                h = jax.nn.silu(xt @ g.T) * (xt @ u.T)
+                return jax.lax.dynamic_update_slice_in_dim(y, h @ d, first + j * size, 0)
+            return jax.lax.fori_loop(0, count, one, y)
 
-    y = jax.lax.map(one, jnp.arange(num_tiles)).reshape(num_tiles * tile, D)
+        whole = sizes[e] // big
+        y = tiles(big, starts[e], whole, y)
+        rest = sizes[e] - whole * big
+        return tiles(small, starts[e] + whole * big, -(-rest // small), y)
+
+    # Every row that a pair reads back is written by its group's tiles, so the output may
+    # start as any array of its shape.
+    y = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, rows)
+    dest = jnp.where(group < E, jnp.arange(n), n + big)
     return _combine(y, dest, order, weights, T, k)
+
+
+# `tiled`'s cost in `batched` rows, measured (BENCHMARKS.md): per pair, and per expert (the
+# copy of its weights).
+TILED_PAIR, TILED_EXPERT = 2, 64
 
 
 def capacities(pairs: int, experts: int, tokens: int) -> list[int]:
@@ -173,11 +182,12 @@ def capacities(pairs: int, experts: int, tokens: int) -> list[int]:
 
 
 def experts_batched(x, weights, ids, gate, up, down):
-    """Each expert's pairs in a block of C rows, C the largest group rounded up to one of
-    `capacities`, and one batched matmul over all experts: every expert's weights are read
-    once, in place (the fastest on CPU). When a group is larger than the largest capacity
-    (uneven routing), its pairs past that many go through `experts_tiled`, which pays only
-    for the pairs it gets. Exact and dropless."""
+    """Each expert's pairs in a block of C rows and one batched matmul over all experts:
+    every expert's weights are read once, in place (the fastest on CPU). The pairs of a
+    group past C go through `experts_tiled`, which pays only for the pairs it gets. C is
+    chosen per call from `capacities` for the least cost, in rows:
+    E * C + TILED_PAIR * (pairs past C) + TILED_EXPERT * (groups past C). So uneven routing
+    costs only its extra pairs. Exact and dropless."""
     T, k = ids.shape
     E, F, D = gate.shape
     order, group, sizes, rank = _sort_pairs(weights, ids, E)
@@ -197,15 +207,15 @@ def experts_batched(x, weights, ids, gate, up, down):
             return _combine(y, dest, order, weights, T, k)
         return run
 
-    largest = jnp.max(sizes)
-    choice = jnp.minimum(jnp.sum(cap_sizes < largest), len(caps) - 1)
+    past = jnp.maximum(sizes[None, :] - cap_sizes[:, None], 0)  # [caps, E]
+    cost = E * cap_sizes + TILED_PAIR * past.sum(1) + TILED_EXPERT * (past > 0).sum(1)
+    choice = jnp.argmin(cost)
+    past = past.sum(1)
     y = jax.lax.switch(choice, [blocks(C) for C in caps], x, weights)
-    if caps[-1] >= T:  # every group fits
-        return y
     # The pairs past the chosen capacity, by their place in their expert's group.
     place = jnp.zeros(T * k, rank.dtype).at[order].set(rank).reshape(T, k)
     rest = jnp.where(place >= cap_sizes[choice], weights, 0.0)
-    return y + jax.lax.cond(largest > caps[-1], experts_tiled, lambda x, *_: jnp.zeros_like(x),
+    return y + jax.lax.cond(past[choice] > 0, experts_tiled, lambda x, *_: jnp.zeros_like(x),
                             x, rest, ids, gate, up, down)
 
 
@@ -247,8 +257,10 @@ def experts_parallel(impl: str, x, weights, ids, gate, up, down):
         return jax.lax.psum(y.astype(jnp.float32), EXPERT).astype(y.dtype)
 
     replicated, split = PartitionSpec(), PartitionSpec(EXPERT)
+    # Unchecked varying axes: `tiled`'s loops carry arrays that become shard-dependent only
+    # inside the loop body, which the check would make each implementation cast by hand.
     return jax.shard_map(local, in_specs=(replicated,) * 3 + (split,) * 3, out_specs=replicated,
-                         axis_names={EXPERT})(x, weights, ids, gate, up, down)
+                         axis_names={EXPERT}, check_vma=False)(x, weights, ids, gate, up, down)
 
 
 class MoE(nnx.Module):

@@ -90,13 +90,13 @@ def test_final_norm(pair):
 
 
 @pytest.mark.parametrize('T,k,E,skew', [(7, 2, 4, False), (300, 4, 16, False),
-                                         (300, 4, 16, True), (64, 8, 160, False)])
+                                         (400, 4, 16, True), (64, 8, 160, False)])
 @pytest.mark.parametrize('impl', ['tiled', 'batched'])
 def test_sorted_experts_equal_dense_for_any_routing(T, k, E, skew, impl):
-    """Groups of every size, tiles that span whole experts, most pairs on two experts (for
-    `batched`: past its capacities, so run tiled), and zero-weight pairs (experts on other
-    shards) left out."""
-    from glmjax.moe import EXPERT_IMPLS, capacities, experts_dense
+    """Groups of every size, tiles that run past their group, most pairs on two experts
+    (groups longer than `tiled`'s large tile; for `batched`: past its capacities, so run
+    tiled), and zero-weight pairs (experts on other shards) left out."""
+    from glmjax.moe import EXPERT_IMPLS, capacities, experts_dense, tile_rows
     F, D = 8, 16
     rng = np.random.RandomState(T + E)
     ids = np.stack([rng.choice(2 if skew and t % 5 else E, k, replace=False)
@@ -111,5 +111,6 @@ def test_sorted_experts_equal_dense_for_any_routing(T, k, E, skew, impl):
     args = [jnp.asarray(a) for a in (x, weights, ids, gate, up, down)]
     largest = np.bincount(ids[weights > 0], minlength=E).max()
     assert (largest > capacities(T * k, E, T)[-1]) == skew
+    assert (largest > tile_rows(T * k, E)[0]) == skew
     np.testing.assert_allclose(np.asarray(jax.jit(EXPERT_IMPLS[impl])(*args)),
                                np.asarray(experts_dense(*args)), rtol=1e-5, atol=1e-5)
