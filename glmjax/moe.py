@@ -12,10 +12,10 @@ The routed experts have more than one implementation, all computing the same sum
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
 - `tiled`: tokens sorted by expert, each expert's weights read once and its rows run in
   tiles of plain matmuls. The same work as `grouped` whatever the routing.
-- `batched`: each expert's tokens in a block of the largest group's size (at most twice
-  the mean), one batched matmul that reads every expert's weights once, in place; `tiled`
-  for the pairs of larger groups past that. The fastest on CPU from one pair per expert
-  up (BENCHMARKS.md).
+- `batched`: each expert's tokens in a block of C rows (C chosen per call, from the mean
+  group size to twice it), one batched matmul that reads every expert's weights once, in
+  place; `tiled` for the pairs of larger groups past C. The fastest on CPU from one pair
+  per expert up (BENCHMARKS.md).
 Under a mesh with an `expert` axis > 1 (`jax.set_mesh`) any of them runs expert-parallel:
 each shard over its own experts, the partial sums added by a psum (`experts_parallel`).
 """
@@ -119,7 +119,7 @@ def _combine(y, dest, order, weights, T, k):
 def tile_rows(pairs: int, experts: int) -> tuple[int, int]:
     """Rows per tile for `experts_tiled`: large tiles for whole runs of a group (efficient
     matmuls), then small ones for the rest (about the mean group size, a power of two in
-    [8, 32]), so that each expert pads under `small` rows."""
+    [8, 32]), so that under `small` rows are computed past each group."""
     mean = max(1, pairs // experts)
     return 256, int(min(32, max(8, 1 << (mean - 1).bit_length())))
 
@@ -157,9 +157,7 @@ def experts_tiled(x, weights, ids, gate, up, down):
         rest = sizes[e] - whole * big
         return tiles(small, starts[e] + whole * big, -(-rest // small), y)
 
-    # Every row that a pair reads back is written by its group's tiles, so the output may
-    # start as any array of its shape.
-    y = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, rows)
+    y = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, jnp.zeros_like(rows))
     dest = jnp.where(group < E, jnp.arange(n), n + big)
     return _combine(y, dest, order, weights, T, k)
 
@@ -207,10 +205,9 @@ def experts_batched(x, weights, ids, gate, up, down):
             return _combine(y, dest, order, weights, T, k)
         return run
 
-    past = jnp.maximum(sizes[None, :] - cap_sizes[:, None], 0)  # [caps, E]
-    cost = E * cap_sizes + TILED_PAIR * past.sum(1) + TILED_EXPERT * (past > 0).sum(1)
-    choice = jnp.argmin(cost)
-    past = past.sum(1)
+    over = jnp.maximum(sizes[None, :] - cap_sizes[:, None], 0)  # [caps, E]: pairs past C
+    past = over.sum(1)
+    choice = jnp.argmin(E * cap_sizes + TILED_PAIR * past + TILED_EXPERT * (over > 0).sum(1))
     y = jax.lax.switch(choice, [blocks(C) for C in caps], x, weights)
     # The pairs past the chosen capacity, by their place in their expert's group.
     place = jnp.zeros(T * k, rank.dtype).at[order].set(rank).reshape(T, k)
