@@ -154,7 +154,8 @@ def experts_tiled(x, weights, ids, gate, up, down):
 
         whole = sizes[e] // big
         y = tiles(big, starts[e], whole, y)
-        return tiles(small, starts[e] + whole * big, -(-(sizes[e] % big) // small), y)
+        rest = sizes[e] - whole * big
+        return tiles(small, starts[e] + whole * big, -(-rest // small), y)
 
     y = jax.lax.fori_loop(0, jnp.sum(sizes > 0), expert, jnp.zeros_like(rows))
     dest = jnp.where(group < E, jnp.arange(n), n + big)
