@@ -132,7 +132,7 @@ async def main_async():
     else:
         import grpc
 
-        from serving.protos import load
+        from glmjax.serving.protos import load
         pb2, pb2_grpc = load()
         channel = grpc.aio.insecure_channel(_URL.value)
         stub = pb2_grpc.GlmStub(channel)

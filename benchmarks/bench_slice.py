@@ -44,7 +44,7 @@ def main(argv):
 
     from glmjax import GlmConfig
     from glmjax.model import init_params
-    from serving.engine import GlmEngine, SlotSettings
+    from glmjax.serving.engine import GlmEngine, SlotSettings
 
     base = GlmConfig.preset(_PRESET.value)
     L = _LAYERS.value

@@ -20,7 +20,7 @@ _PORT = flags.DEFINE_integer('port', 18000, 'HTTP port to use')
 
 def time_to_serving(cache: str, extra: list[str]) -> float:
     env = {**os.environ, 'GLMJAX_COMPILATION_CACHE': cache}
-    cmd = [sys.executable, '-m', 'serving.server', '--grpc_port', '0', '--http_port',
+    cmd = [sys.executable, '-m', 'glmjax.serving.server', '--grpc_port', '0', '--http_port',
            str(_PORT.value), *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -132,7 +132,7 @@ def main():
         print(f'raw read (cold page cache): {nbytes / 1e9:.2f} GB in {secs:.1f} s = '
               f'{nbytes / 1e6 / secs:.0f} MB/s')
         evict(hf)
-        cmd = [sys.executable, '-m', 'convert.convert', '--hf_dir', hf, '--out', out,
+        cmd = [sys.executable, '-m', 'glmjax.convert.convert', '--hf_dir', hf, '--out', out,
                '--dtype', args.dtype, '--workers', str(args.workers)]
         t = time.perf_counter()
         r = subprocess.run(cmd, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True,

@@ -6,7 +6,7 @@ from flax import struct
 
 from glmjax.config import GlmConfig
 
-# Logical axes of each cache array, mapped to the mesh by sharding/ like the parameters.
+# Logical axes of each cache array, mapped to the mesh by glmjax/sharding/ like the parameters.
 # Heads before positions, so that attention reads each head's keys and values in place.
 KV_AXES = ('batch', 'kv_heads', 'seq', 'head_dim')
 LENGTHS_AXES = ('batch',)

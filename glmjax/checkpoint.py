@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from glmjax.config import GlmConfig
 from glmjax.hf import CheckpointError, _flatten, _unflatten
 from glmjax.model import abstract_params
+from glmjax.sharding.rules import placement
 
 FORMAT = 'glmjax-orbax-v1'
 COMPLETE = 'COMPLETE'
@@ -100,30 +101,17 @@ def _check_manifest(path: str, manifest: dict, abstract: dict) -> None:
                               + '\n  '.join(problems[:20]))
 
 
-def target_shardings(cfg: GlmConfig, mesh, shardings, mtp: bool) -> dict:
-    """Flat path -> Sharding: given, from `sharding.param_shardings`, or the first device."""
-    if shardings is not None:
-        return _flatten(shardings)
-    if mesh is not None:
-        try:
-            from sharding import param_shardings
-        except ImportError:
-            raise ValueError('load_checkpoint(mesh=...) needs the sharding package; '
-                             'pass shardings= (a tree like the params) instead') from None
-        return _flatten(param_shardings(cfg, mesh, mtp=mtp))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return _flatten(jax.tree.map(lambda _: device, abstract_params(cfg, mtp=mtp)))
-
-
-def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
-                    dtype=None, shardings: dict | None = None) -> tuple[GlmConfig, dict]:
+def load_checkpoint(path: str | os.PathLike, *, dtype=None,
+                    mesh: jax.sharding.Mesh | None = None, rules=None,
+                    shardings: dict | None = None) -> tuple[GlmConfig, dict]:
     """Restores a checkpoint written by glmjax-convert: returns (cfg, params).
 
     Each array is read straight into its target sharding (Orbax restore with
     ShapeDtypeStruct targets), so each host reads only its shards; no host holds the whole
-    model. `mesh`: shardings from `sharding.param_shardings`; `shardings`: an explicit tree
-    like the params instead; neither: everything on the first device. `dtype`: cast on
-    restore (the router stays fp32); default the stored dtype.
+    model. Placement as `load_hf`: `mesh` (with `rules`, a preset name or Rules) lays the
+    weights out by `glmjax.sharding.param_shardings`; `shardings`, a tree like the params,
+    places them explicitly; neither: the first device. `dtype`: cast on restore (the router
+    stays fp32); default the stored dtype.
     """
     path = os.path.abspath(path)  # Orbax wants absolute paths
     manifest = read_manifest(path)
@@ -132,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     stored = _flatten(abstract_params(cfg, jnp.dtype(manifest['dtype']), mtp=mtp))
     _check_manifest(path, manifest, stored)
     targets = _flatten(abstract_params(cfg, dtype or jnp.dtype(manifest['dtype']), mtp=mtp))
-    placed = target_shardings(cfg, mesh, shardings, mtp)
+    placed = _flatten(placement(cfg, mtp, mesh, rules, shardings))
     by_item: dict[str, dict] = {}
     for p, a in targets.items():
         item, sub = item_of(p)

@@ -28,6 +28,7 @@ import numpy as np
 
 from glmjax.config import GlmConfig
 from glmjax.model import abstract_params, has_mtp
+from glmjax.sharding.rules import placement
 
 log = logging.getLogger(__name__)
 
@@ -427,25 +428,29 @@ def read_param(ckpt: SafetensorsDir, how: str, what, shape: tuple[int, ...], dty
     return np.ascontiguousarray(t[:, :F] if part == 'gate' else t[:, F:], dtype=dtype)
 
 
-def load_hf(path: str | os.PathLike, cfg: GlmConfig, dtype=jnp.bfloat16,
+def load_hf(path: str | os.PathLike, cfg: GlmConfig, dtype=jnp.bfloat16, *,
+            mesh: jax.sharding.Mesh | None = None, rules=None,
             shardings: dict | None = None) -> dict:
     """Reads a Hugging Face safetensors checkpoint into the params dict.
 
     Every name and shape is checked before any tensor is read. The router weight and its
-    correction bias stay fp32; everything else is cast to `dtype`. `shardings`, a tree like
-    the params of `jax.sharding.Sharding`s, places each weight directly where it belongs.
+    correction bias stay fp32; everything else is cast to `dtype`. Placement as
+    `load_checkpoint`: `mesh` (with `rules`) lays the weights out by
+    `glmjax.sharding.param_shardings`; `shardings`, a tree like the params of
+    `jax.sharding.Sharding`s, places them explicitly; neither: the first device. Each weight
+    goes straight where it belongs.
     """
     ckpt = SafetensorsDir(path)
     mtp = checkpoint_has_mtp(cfg, ckpt)
     todo = plan(cfg, ckpt, mtp)
     abstract = _flatten(abstract_params(cfg, dtype, mtp=mtp))
-    flat_shardings = _flatten(shardings) if shardings is not None else {}
+    flat_shardings = _flatten(placement(cfg, mtp, mesh, rules, shardings))
     out = {}
     try:
         for path, (how, what) in todo.items():
             target = abstract[path]
             value = read_param(ckpt, how, what, target.shape, target.dtype)
-            out[path] = jax.device_put(value, flat_shardings.get(path))
+            out[path] = jax.device_put(value, flat_shardings[path])
     finally:
         ckpt.close()
     return _unflatten(out)

@@ -4,7 +4,7 @@ Dimension letters, used in every einsum and shape comment:
 B batch, T new tokens, S cache length, D model width, F ffn width, N query heads,
 K kv heads, G query heads per kv head, H head dim, E experts, V vocab.
 
-Every parameter names its logical axes (`axes=`) where it is declared; `sharding/` maps
+Every parameter names its logical axes (`axes=`) where it is declared; `glmjax/sharding/` maps
 those names to mesh axes, and the checkpoint loaders check against the same declarations.
 """
 

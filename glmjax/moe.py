@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 
 from glmjax.config import GlmConfig
 from glmjax.layers import MLP, param
+from glmjax.mesh_axes import EXPERT
 
 ROUTER_STD = 0.02
 
@@ -231,7 +232,6 @@ def choose_impl(cfg: GlmConfig, num_tokens: int) -> str:
 
 def expert_shards() -> int:
     """Size of the `expert` axis of the mesh set with `jax.set_mesh` (1 without a mesh)."""
-    from sharding.axes import EXPERT  # here, not at the top: `sharding` imports glmjax
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else mesh.shape.get(EXPERT, 1)
 
@@ -241,7 +241,6 @@ def experts_parallel(impl: str, x, weights, ids, gate, up, down):
     E/n experts for every token (the tokens are replicated; the other shards' experts get
     weight 0) and a psum adds the shards' partial sums. Exact and dropless. The other mesh
     axes stay automatic inside (e.g. the experts' width split over `tensor`)."""
-    from sharding.axes import EXPERT
     E, n = gate.shape[0], expert_shards()
     if E % n:
         raise ValueError(f'{E} experts do not split over the mesh axis {EXPERT}={n}')

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import uvicorn
 
-from serving.chat import DEFAULT_TEMPLATE, ChatTemplate
-from serving.openai_api import GenEvent, TokenLogprob
+from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatTemplate
+from glmjax.serving.openai_api import GenEvent, TokenLogprob
 
 
 class FakeBackend:

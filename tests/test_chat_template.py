@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from serving.chat import DEFAULT_TEMPLATE, ChatError, ChatTemplate
-from serving.glm_parser import parse
+from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatError, ChatTemplate
+from glmjax.serving.glm_parser import parse
 
 TOOLS = [{'type': 'function', 'function': {
     'name': 'get_weather', 'description': 'Weather by city, «ünïcode»',

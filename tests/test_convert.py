@@ -14,10 +14,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import hf_tiny
-from convert.convert import ConvertError, convert
-from convert.verify import mesh_shardings, verify
 from glmjax import CheckpointError, GlmConfig, forward, load_checkpoint, load_hf
 from glmjax.checkpoint import COMPLETE, PARAMS
+from glmjax.convert.convert import ConvertError, convert
+from glmjax.convert.verify import mesh_shardings, verify
 from glmjax.hf import SafetensorsDir, hf_tensor_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,8 @@ def run_cli(*args, kill=None, cwd=None):
     env.pop('GLMJAX_CONVERT_KILL', None)
     if kill:
         env['GLMJAX_CONVERT_KILL'] = kill
-    return subprocess.run([sys.executable, '-m', 'convert.convert', *map(str, args)], env=env,
+    return subprocess.run([sys.executable, '-m', 'glmjax.convert.convert', *map(str, args)],
+                          env=env,
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
@@ -99,6 +100,20 @@ def test_restore_onto_a_mesh(tiny):
     assert gate.sharding.spec[0] == 'expert'
     assert {s.data.shape[0] for s in gate.addressable_shards} == {2}
     assert_logits_match(model, cfg, params)
+
+
+def test_both_loaders_take_the_same_placement_arguments(tiny):
+    _, hf, out, _ = tiny
+    mesh = jax.make_mesh((4, 2), ('expert', 'tensor'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    cfg, restored = load_checkpoint(out, dtype=jnp.float32, mesh=mesh, rules='decode_ep')
+    loaded = load_hf(hf, cfg, jnp.float32, mesh=mesh, rules='decode_ep')
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(loaded)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored['model']['layers'][1]['mlp']['gate'].sharding.spec[0] == 'expert'
+    with pytest.raises(ValueError, match='not both'):
+        load_hf(hf, cfg, mesh=mesh, shardings={})
 
 
 def test_bf16_conversion_keeps_router_fp32(tiny, tmp_path):

@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sharding
-from glmjax import generate
+from glmjax import generate, sharding
 from glmjax.demo import tiny_glm46
 from glmjax.model import init_params
-from serving.engine import GlmEngine, SlotSettings
+from glmjax.serving.engine import GlmEngine, SlotSettings
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from serving.glm_parser import GlmOutputParser, parse
+from glmjax.serving.glm_parser import GlmOutputParser, parse
 
 TOOLS = [
     {'type': 'function', 'function': {'name': 'get_weather', 'parameters': {

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from together.types.chat import ChatCompletion as TogetherChat
 from together.types.rerank_create_response import RerankCreateResponse
 
-from serving.openai_api import make_app
+from glmjax.serving.openai_api import make_app
 
 THINK_CALL = ('\n<think>I need the weather.</think>\nLet me check.<tool_call>get_weather\n'
               '<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n'

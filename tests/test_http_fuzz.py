@@ -7,7 +7,7 @@ import schemathesis
 from fake_backend import FakeBackend
 from schemathesis.checks import not_a_server_error
 
-from serving.openai_api import make_app
+from glmjax.serving.openai_api import make_app
 
 schema = schemathesis.openapi.from_asgi('/openapi.json', make_app(FakeBackend()))
 

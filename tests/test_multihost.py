@@ -27,7 +27,7 @@ def worker(checkpoint: str, out: str) -> None:
     """One process: join the others, load the checkpoint sharded over the global mesh, run
     `forward`, gather the logits and save them with this process's expert-shard shapes."""
     sys.path.insert(0, ROOT)
-    from sharding import distributed
+    from glmjax.sharding import distributed
     assert distributed.initialize(cpu_devices=4)
 
     import jax
@@ -35,7 +35,7 @@ def worker(checkpoint: str, out: str) -> None:
     from jax.experimental import multihost_utils
 
     import glmjax
-    import sharding
+    from glmjax import sharding
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
     cfg = glmjax.GlmConfig.from_hf(checkpoint)
     mesh = sharding.make_mesh(MESH)
@@ -91,7 +91,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_settings_from_arguments_then_environment():
-    from sharding.distributed import settings
+    from glmjax.sharding.distributed import settings
     env = {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAX_NUM_PROCESSES': '4',
            'JAX_PROCESS_ID': '2'}
     assert settings(environ={}) is None
@@ -101,7 +101,7 @@ def test_settings_from_arguments_then_environment():
 
 
 def test_bad_settings_name_what_to_fix():
-    from sharding.distributed import DistributedError, settings
+    from glmjax.sharding.distributed import DistributedError, settings
     with pytest.raises(DistributedError, match=r'missing: --num_processes \(or '
                                                r'JAX_NUM_PROCESSES\), --process_id'):
         settings('127.0.0.1:1', environ={})

@@ -17,12 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import default_model, protos
-from serving.engine import GlmEngine
-from serving.lockstep import EXIT_PEER_LOST
-from serving.service import GlmServer
+from glmjax.serving import default_model
+from glmjax.serving.engine import GlmEngine
+from glmjax.serving.lockstep import EXIT_PEER_LOST
+from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.service import GlmServer
 
-pb, pb_grpc = protos.load()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BATCH, MAX_SEQ_LEN, STEPS = 8, 128, 4
 TIMEOUT = 120  # seconds: every wait is bounded
@@ -61,7 +61,7 @@ class Pair:
                    JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
         self.procs = []
         for i in range(2):
-            cmd = [sys.executable, '-m', 'serving.server',
+            cmd = [sys.executable, '-m', 'glmjax.serving.server',
                    f'--coordinator_address=127.0.0.1:{coordinator}', '--num_processes=2',
                    f'--process_id={i}', f'--lockstep_port={lockstep}',
                    '--mesh=expert=4,tensor=2', '--grpc_host=127.0.0.1', '--grpc_port=0',

@@ -11,9 +11,8 @@ import time
 import jax.numpy as jnp
 import pytest
 
-import sharding
-from glmjax import GlmConfig
-from sharding import plan
+from glmjax import GlmConfig, sharding
+from glmjax.sharding import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +34,8 @@ KV_PER_TOKEN = 92 * 2 * 8 * 128 * 2
 def glmjax_plan(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
-    done = subprocess.run([sys.executable, '-m', 'sharding.plan', '--config', 'glm-4.6', *args],
+    done = subprocess.run([sys.executable, '-m', 'glmjax.sharding.plan', '--config', 'glm-4.6',
+                           *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     return done, time.perf_counter() - start
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from serving.sampling import TOP_LOGPROBS, SlotSampling, sample
+from glmjax.serving.sampling import TOP_LOGPROBS, SlotSampling, sample
 
 N = 4096  # draws per statistical check: 4 sigma of a frequency is at most 4 * 0.5 / 64 = 0.03
 PROBS = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * 12, np.float32)

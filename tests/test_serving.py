@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from glmjax import forward, generate
-from serving import default_model, engine, protos
-from serving.engine import GlmEngine
-from serving.service import GlmServer
+from glmjax.serving import default_model, engine
+from glmjax.serving.engine import GlmEngine
+from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.service import GlmServer
 
-pb, pb_grpc = protos.load()
 MAX_BATCH, MAX_SEQ_LEN, STEPS = 4, 128, 4
 RPC_TIMEOUT = 60  # seconds: every call is bounded
 
@@ -405,7 +405,7 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
         # The HTTP front shares the queue: 429 in OpenAI form, streaming or not.
         import httpx
 
-        from serving.server import start_http
+        from glmjax.serving.server import start_http
         front = start_http(guarded.server, model[1], 'sesame', None, '127.0.0.1', 0)
         try:
             for stream in (False, True):
@@ -426,7 +426,7 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
 
 @pytest.fixture(scope='module')
 def http(served):
-    from serving.server import start_http
+    from glmjax.serving.server import start_http
     front = start_http(served.server, served.params, None, None, '127.0.0.1', 0)
     yield front
     front.stop()
@@ -435,8 +435,8 @@ def http(served):
 def test_http_chat_is_the_engine_greedy_parsed(served, http):
     import openai
 
-    from serving.chat import DEFAULT_TEMPLATE, ChatTemplate
-    from serving.glm_parser import parse
+    from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatTemplate
+    from glmjax.serving.glm_parser import parse
     client = openai.OpenAI(base_url=f'http://127.0.0.1:{http.port}/v1', api_key='x',
                            max_retries=0, timeout=RPC_TIMEOUT)
     messages = [{'role': 'user', 'content': 'def fibonacci(n):'}]

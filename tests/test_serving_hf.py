@@ -9,12 +9,11 @@ import grpc
 import pytest
 
 import hf_tiny
-from serving import default_model, protos
-from serving.engine import GlmEngine
-from serving.server import load_model
-from serving.service import GlmServer
-
-pb, pb_grpc = protos.load()
+from glmjax.serving import default_model
+from glmjax.serving.engine import GlmEngine
+from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.server import load_model
+from glmjax.serving.service import GlmServer
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def hf_dir(tmp_path, monkeypatch):
 def test_served_greedy_equals_transformers(hf_dir, source, tmp_path):
     model, path = hf_dir
     if source == 'checkpoint':
-        from convert.convert import convert
+        from glmjax.convert.convert import convert
         path = str(tmp_path / 'converted' / 'ckpt')
         convert(hf_dir[1], path, dtype='fp32', stream=io.StringIO())
     cfg, params, tok, name = load_model(**{source: path}, dtype='float32')

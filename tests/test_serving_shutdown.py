@@ -13,9 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import protos
+from glmjax.serving.protos import pb, pb_grpc
 
-pb, pb_grpc = protos.load()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = 'k3y'
 AUTH = [('authorization', f'Bearer {KEY}')]
@@ -59,7 +58,7 @@ def wait_serving(channel, timeout: float) -> None:
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     cert, key = self_signed(tmp_path)
     env = dict(os.environ, GLMJAX_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT)
-    cmd = [sys.executable, '-m', 'serving.server', '--grpc_host=127.0.0.1', '--grpc_port=0',
+    cmd = [sys.executable, '-m', 'glmjax.serving.server', '--grpc_host=127.0.0.1', '--grpc_port=0',
            '--max_batch=2', '--max_seq_len=128', '--max_queue=4', '--decode_steps=1',
            '--drain_grace_s=60', f'--api_key={KEY}', f'--tls_cert={cert}', f'--tls_key={key}']
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -74,7 +73,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
 
         # The client CLI, over TLS with the key.
         out = subprocess.run(
-            [sys.executable, '-m', 'serving.client', f'--target=127.0.0.1:{port}',
+            [sys.executable, '-m', 'glmjax.serving.client', f'--target=127.0.0.1:{port}',
              f'--tls_ca={cert}', f'--api_key={KEY}', '--token_ids=1,2,3', '--max_tokens=5',
              '--temperature=0', '--ignore_eos', '--json'],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from serving import default_model
-from serving.stops import StopMatcher
-from serving.tokenizer import REPLACEMENT, IncrementalDetokenizer, Tokenizer
+from glmjax.serving import default_model
+from glmjax.serving.stops import StopMatcher
+from glmjax.serving.tokenizer import REPLACEMENT, IncrementalDetokenizer, Tokenizer
 
 TEXT = 'Hello café, Grüße 한국어 🎉 naïve <think>why</think> done.'  # some chars unseen in training
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import hf_tiny
-import sharding
-from glmjax import GlmConfig, cache_shapes, decode, forward, init_cache, load_hf, prefill
+from glmjax import GlmConfig, cache_shapes, decode, forward, init_cache, load_hf, prefill, sharding
 from glmjax.moe import EXPERT_IMPLS, experts_parallel
-from sharding import MeshError, Rules, RulesError
+from glmjax.sharding import MeshError, Rules, RulesError
 
 # 16 experts, 8 query heads, widths that divide by 8; 2 KV heads (replicated at tensor=8).
 TINY = dict(n_routed_experts=16, num_experts_per_tok=4, num_attention_heads=8,
@@ -109,7 +108,7 @@ def test_expert_parallel_equals_each_implementation(impl):
 
 def test_kv_heads_beyond_their_count_are_replicated_loudly(cfg, caplog):
     mesh = sharding.make_mesh({'tensor': 8})
-    with caplog.at_level(logging.WARNING, logger='sharding.rules'):
+    with caplog.at_level(logging.WARNING, logger='glmjax.sharding.rules'):
         params = sharding.param_shardings(cfg, mesh)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and '2 KV heads do not split over mesh axis tensor=8' in warnings[0]
@@ -118,7 +117,7 @@ def test_kv_heads_beyond_their_count_are_replicated_loudly(cfg, caplog):
     assert attn['q'].spec == jax.P(None, 'tensor', None)
     # 2 ways they do split, silently.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='sharding.rules'):
+    with caplog.at_level(logging.WARNING, logger='glmjax.sharding.rules'):
         cache = sharding.cache_shardings(cfg, sharding.make_mesh({'expert': 4, 'tensor': 2}),
                                          cache_shapes(cfg, 2, 16))
     assert not caplog.records and cache.k[0].spec == jax.P(None, 'tensor', None, None)

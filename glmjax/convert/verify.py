@@ -56,7 +56,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def make_mesh(axes: dict[str, int]) -> jax.sharding.Mesh:
     """sharding.make_mesh when that package is there, else a plain mesh (Auto axes)."""
     try:
-        from sharding import make_mesh as sharding_make_mesh
+        from glmjax.sharding import make_mesh as sharding_make_mesh
     except ImportError:
         auto = (jax.sharding.AxisType.Auto,) * len(axes)
         return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=auto)
@@ -88,7 +88,7 @@ def mesh_shardings(cfg: GlmConfig, mesh: jax.sharding.Mesh) -> dict:
     """sharding.param_shardings when that package is there, else `simple_shardings`; for
     the MTP layer too (loaders ignore it when a checkpoint has none)."""
     try:
-        from sharding import param_shardings
+        from glmjax.sharding import param_shardings
     except ImportError:
         return simple_shardings(cfg, mesh)
     return param_shardings(cfg, mesh, mtp=True)

@@ -37,9 +37,9 @@ import time
 import jax
 import numpy as np
 
-from serving.engine import Engine, EngineLost, SlotSettings, StepOutput
-from serving.stops import StopMatcher
-from serving.tokenizer import IncrementalDetokenizer, Tokenizer
+from glmjax.serving.engine import Engine, EngineLost, SlotSettings, StepOutput
+from glmjax.serving.stops import StopMatcher
+from glmjax.serving.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from serving import openai_types as T
-from serving.chat import ChatError, ChatTemplate
-from serving.glm_parser import GlmOutputParser
-from serving.metrics import Metrics
+from glmjax.serving import openai_types as T
+from glmjax.serving.chat import ChatError, ChatTemplate
+from glmjax.serving.glm_parser import GlmOutputParser
+from glmjax.serving.metrics import Metrics
 
 
 @dataclasses.dataclass

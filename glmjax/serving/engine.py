@@ -24,9 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from glmjax.cache import KVCache, cache_shapes, init_cache
 from glmjax.config import GlmConfig
 from glmjax.inference import decode, prefill
-from serving.sampling import SlotSampling, sample
-from sharding.mesh import make_mesh
-from sharding.rules import Rules, cache_shardings, get_rules
+from glmjax.serving.sampling import SlotSampling, sample
+from glmjax.sharding.mesh import make_mesh
+from glmjax.sharding.rules import Rules, cache_shardings, get_rules
 
 MAX_STOP_IDS = 16  # stop token ids per request, the model's eos ids included
 MIN_BUCKET = 16

@@ -10,9 +10,7 @@ import grpc
 from absl import app, flags
 from google.protobuf import json_format
 
-from serving import protos
-
-pb, pb_grpc = protos.load()
+from glmjax.serving.protos import pb, pb_grpc
 
 _TARGET = flags.DEFINE_string('target', 'localhost:50051', 'server address')
 _PROMPT = flags.DEFINE_string('prompt', None, 'prompt text (sent as is, no chat template)')

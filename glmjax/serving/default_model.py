@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from glmjax.config import GlmConfig
 from glmjax.demo import tiny_glm46
 from glmjax.model import init_params
-from serving.tokenizer import Tokenizer
+from glmjax.serving.tokenizer import Tokenizer
 
 # Marked special, as in GLM-4.6's tokenizer.json.
 SPECIAL_TOKENS = ('<|endoftext|>', '[MASK]', '[gMASK]', '[sMASK]', '<sop>', '<eop>',

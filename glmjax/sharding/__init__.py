@@ -27,9 +27,9 @@ unsharded (correct, but every expert weight is gathered to every device). Multi-
 mesh spans the devices of all processes.
 """
 
-from sharding.axes import DATA, EXPERT, MESH_AXES, TENSOR
-from sharding.mesh import MeshError, make_mesh, parse_mesh
-from sharding.rules import (
+from glmjax.mesh_axes import DATA, EXPERT, MESH_AXES, TENSOR
+from glmjax.sharding.mesh import MeshError, make_mesh, parse_mesh
+from glmjax.sharding.rules import (
     LOGICAL_AXES,
     PRESETS,
     Rules,

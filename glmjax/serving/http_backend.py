@@ -14,12 +14,12 @@ import numpy as np
 from glmjax.config import GlmConfig
 from glmjax.generate import bucket
 from glmjax.inference import hidden_states
-from serving.chat import ChatTemplate
-from serving.engine import MAX_STOP_IDS, SlotSettings
-from serving.openai_api import ApiError, GenEvent, GenRequest, TokenLogprob
-from serving.orchestrator import Draining, Orchestrator, QueueFull, Request
-from serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
-from serving.tokenizer import Tokenizer
+from glmjax.serving.chat import ChatTemplate
+from glmjax.serving.engine import MAX_STOP_IDS, SlotSettings
+from glmjax.serving.openai_api import ApiError, GenEvent, GenRequest, TokenLogprob
+from glmjax.serving.orchestrator import Draining, Orchestrator, QueueFull, Request
+from glmjax.serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from glmjax.serving.tokenizer import Tokenizer
 
 
 class EngineBackend:

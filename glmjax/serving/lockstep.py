@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 
-from serving.engine import Engine, EngineLost, GlmEngine, Prefix, SlotSettings, StepOutput
+from glmjax.serving.engine import Engine, EngineLost, GlmEngine, Prefix, SlotSettings, StepOutput
 
 log = logging.getLogger(__name__)
 

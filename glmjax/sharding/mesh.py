@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from sharding.axes import MESH_AXES
+from glmjax.mesh_axes import MESH_AXES
 
 
 class MeshError(ValueError):

@@ -43,10 +43,10 @@ from glmjax.cache import cache_shapes
 from glmjax.config import PRESETS as CONFIG_PRESETS
 from glmjax.config import ConfigError, GlmConfig
 from glmjax.inference import decode
+from glmjax.mesh_axes import DATA
 from glmjax.model import abstract_params, param_axes
-from sharding.axes import DATA
-from sharding.mesh import MeshError, check_axis_sizes, format_mesh, make_mesh, parse_mesh
-from sharding.rules import (
+from glmjax.sharding.mesh import MeshError, check_axis_sizes, format_mesh, make_mesh, parse_mesh
+from glmjax.sharding.rules import (
     DEFAULT_RULES,
     PRESETS,
     RulesError,

@@ -19,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glmjax.cache import KV_AXES, LENGTHS_AXES, KVCache
 from glmjax.config import GlmConfig
+from glmjax.mesh_axes import DATA, EXPERT, MESH_AXES, TENSOR
 from glmjax.model import abstract_params, has_mtp, param_axes
-from sharding.axes import DATA, EXPERT, MESH_AXES, TENSOR
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,23 @@ def param_shardings(cfg: GlmConfig, mesh: Mesh, rules: Rules | str | None = None
     for warning in sorted(w for w in warnings if w):
         log.warning(warning)
     return out
+
+
+def placement(cfg: GlmConfig, mtp: bool, mesh: Mesh | None = None,
+              rules: Rules | str | None = None, shardings: dict | None = None) -> dict:
+    """Where each weight goes, for the loaders (`load_hf`, `load_checkpoint`): `shardings`
+    as given (a tree like the params), else `param_shardings(cfg, mesh, rules)`, else the
+    first device."""
+    if shardings is not None:
+        if mesh is not None or rules is not None:
+            raise ValueError('give shardings= or mesh= (with rules=), not both')
+        return shardings
+    if mesh is not None:
+        return param_shardings(cfg, mesh, rules, mtp=mtp)
+    if rules is not None:
+        raise ValueError('rules= needs a mesh=')
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: device, abstract_params(cfg, mtp=mtp))
 
 
 def cache_shardings(cfg: GlmConfig, mesh: Mesh, cache_shape_tree: KVCache,

@@ -34,14 +34,14 @@ from absl import app, flags, logging
 
 from glmjax import compile_cache
 from glmjax.config import GlmConfig
-from serving import lockstep
-from serving.chat import DEFAULT_TEMPLATE, ChatTemplate
-from serving.engine import EngineLost, GlmEngine
-from serving.service import GlmServer
-from serving.tokenizer import Tokenizer
-from sharding import distributed
-from sharding.mesh import MeshError, make_mesh, parse_mesh
-from sharding.rules import PRESETS, RulesError, param_shardings
+from glmjax.serving import lockstep
+from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatTemplate
+from glmjax.serving.engine import EngineLost, GlmEngine
+from glmjax.serving.service import GlmServer
+from glmjax.serving.tokenizer import Tokenizer
+from glmjax.sharding import distributed
+from glmjax.sharding.mesh import MeshError, make_mesh, parse_mesh
+from glmjax.sharding.rules import PRESETS, RulesError, param_shardings
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'a glmjax-convert checkpoint directory')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'a Hugging Face checkpoint directory')
@@ -88,27 +88,27 @@ def load_model(checkpoint: str | None = None, hf_dir: str | None = None,
     if checkpoint and hf_dir:
         raise app.UsageError('give --checkpoint or --hf_dir, not both')
     dtype = jnp.dtype(dtype) if dtype else None
-
-    def shardings(cfg: GlmConfig) -> dict | None:
-        try:
-            return None if mesh is None else param_shardings(cfg, mesh, rules)
-        except RulesError as e:
-            raise app.UsageError(f'--mesh/--rules: {e}') from None
-
-    if checkpoint:
-        from glmjax.checkpoint import load_checkpoint
-        cfg, params = load_checkpoint(checkpoint, dtype=dtype or jnp.bfloat16,
-                                      shardings=shardings(GlmConfig.from_hf(checkpoint)))
-        return cfg, params, Tokenizer.from_dir(checkpoint), _name(checkpoint)
-    if hf_dir:
-        from glmjax.hf import load_hf
-        cfg = GlmConfig.from_hf(hf_dir)
-        params = load_hf(hf_dir, cfg, dtype or jnp.bfloat16, shardings=shardings(cfg))
-        return cfg, params, Tokenizer.from_dir(hf_dir), _name(hf_dir)
-    from serving.default_model import default_model
+    try:
+        if checkpoint:
+            from glmjax.checkpoint import load_checkpoint
+            cfg, params = load_checkpoint(checkpoint, dtype=dtype or jnp.bfloat16, mesh=mesh,
+                                          rules=rules if mesh is not None else None)
+            return cfg, params, Tokenizer.from_dir(checkpoint), _name(checkpoint)
+        if hf_dir:
+            from glmjax.hf import load_hf
+            cfg = GlmConfig.from_hf(hf_dir)
+            params = load_hf(hf_dir, cfg, dtype or jnp.bfloat16, mesh=mesh,
+                             rules=rules if mesh is not None else None)
+            return cfg, params, Tokenizer.from_dir(hf_dir), _name(hf_dir)
+    except RulesError as e:
+        raise app.UsageError(f'--mesh/--rules: {e}') from None
+    from glmjax.serving.default_model import default_model
     cfg, params, tokenizer = default_model(dtype or jnp.float32)
     if mesh is not None:
-        params = jax.device_put(params, shardings(cfg))
+        try:
+            params = jax.device_put(params, param_shardings(cfg, mesh, rules))
+        except RulesError as e:
+            raise app.UsageError(f'--mesh/--rules: {e}') from None
     return cfg, params, tokenizer, 'glmjax-default-tiny-glm46'
 
 
@@ -123,8 +123,8 @@ def chat_template(model_dir: str | None) -> ChatTemplate:
 def start_http(server: GlmServer, params, api_key: str | None, model_dir: str | None,
                host: str, port: int):
     """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots."""
-    from serving.http_backend import EngineBackend
-    from serving.http_server import HttpServer
+    from glmjax.serving.http_backend import EngineBackend
+    from glmjax.serving.http_server import HttpServer
     backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg, params,
                             server.model_name, server.engine.max_seq_len,
                             chat_template(model_dir),

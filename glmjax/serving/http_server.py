@@ -6,7 +6,7 @@ import time
 
 import uvicorn
 
-from serving.openai_api import make_app
+from glmjax.serving.openai_api import make_app
 
 
 class HttpServer:

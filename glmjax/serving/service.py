@@ -19,13 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from glmjax.config import GlmConfig
-from serving import protos
-from serving.engine import MAX_STOP_IDS, Engine, SlotSettings
-from serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
-from serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
-from serving.tokenizer import Tokenizer
+from glmjax.serving import protos
+from glmjax.serving.engine import MAX_STOP_IDS, Engine, SlotSettings
+from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
+from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from glmjax.serving.tokenizer import Tokenizer
 
-pb, pb_grpc = protos.load()
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 256
