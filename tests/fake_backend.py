@@ -16,8 +16,10 @@ from glmjax.serving.openai_api import GenEvent, TokenLogprob
 
 class FakeBackend:
     model_name = 'glm-fake'
+    served_names = ('glm-fake', 'm')
     max_context = 2048
     vocab_size = 4096
+    eos_ids = (0,)
 
     def __init__(self, script: str = 'Hello.'):
         self.script = script
@@ -28,6 +30,12 @@ class FakeBackend:
 
     def ready(self):
         return self.is_ready
+
+    def draining(self):
+        return False
+
+    def generate_all(self, requests):
+        return [self.generate(r) for r in requests]
 
     def encode(self, text):
         return [ord(c) % self.vocab_size for c in text]
@@ -41,7 +49,7 @@ class FakeBackend:
         for s in request.stop:
             if s in text:
                 text = text[:text.index(s)]
-        if len(text) > request.max_tokens:
+        if request.max_tokens is not None and len(text) > request.max_tokens:
             text, finish = text[:request.max_tokens], 'length'
         ids = self.encode(text)
         sizes = [1, 3, 2]

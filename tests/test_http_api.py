@@ -178,7 +178,7 @@ def test_embeddings_float_and_base64(client):
 
 
 def test_models_and_health(backend, client, server):
-    assert [m.id for m in client.models.list()] == ['glm-fake']
+    assert [m.id for m in client.models.list()] == ['glm-fake', 'm']
     assert post(server, '/health', None).status_code == 405
     assert httpx.get(server[1] + '/health').status_code == 200
     backend.is_ready = False

@@ -242,7 +242,9 @@ BAD = [
     (dict(sampling=dict(temperature=-1.0)), 'sampling.temperature'),
     (dict(sampling=dict(top_p=1.5)), 'sampling.top_p'),
     (dict(sampling=dict(top_p=0.0)), 'sampling.top_p'),
-    (dict(sampling=dict(top_k=-1)), 'sampling.top_k'),
+    (dict(sampling=dict(top_k=-2)), 'sampling.top_k'),
+    (dict(sampling=dict(temperature=1e6)), 'sampling.temperature'),
+    (dict(sampling=dict(logit_bias={5: 300.0})), 'sampling.logit_bias[5]'),
     (dict(sampling=dict(min_p=2.0)), 'sampling.min_p'),
     (dict(sampling=dict(repetition_penalty=0.0)), 'sampling.repetition_penalty'),
     (dict(sampling=dict(presence_penalty=3.0)), 'sampling.presence_penalty'),
@@ -440,7 +442,7 @@ def test_http_chat_is_the_engine_greedy_parsed(served, http):
     client = openai.OpenAI(base_url=f'http://127.0.0.1:{http.port}/v1', api_key='x',
                            max_retries=0, timeout=RPC_TIMEOUT)
     messages = [{'role': 'user', 'content': 'def fibonacci(n):'}]
-    r = client.chat.completions.create(model='m', messages=messages, temperature=0,
+    r = client.chat.completions.create(model='test-tiny', messages=messages, temperature=0,
                                        max_tokens=24)
     with open(DEFAULT_TEMPLATE) as f:
         prompt = served.tok.encode(ChatTemplate(f.read()).render(messages))
@@ -451,7 +453,8 @@ def test_http_chat_is_the_engine_greedy_parsed(served, http):
     assert r.usage.completion_tokens == len(ids)
     assert (r.choices[0].message.content or '') == expected.content
     streamed = ''.join(c.choices[0].delta.content or '' for c in client.chat.completions.create(
-        model='m', messages=messages, temperature=0, max_tokens=24, stream=True) if c.choices)
+        model='test-tiny', messages=messages, temperature=0, max_tokens=24, stream=True)
+        if c.choices)
     assert streamed == (r.choices[0].message.content or '')
 
 

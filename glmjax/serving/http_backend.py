@@ -1,10 +1,8 @@
 """The engine behind the HTTP API: the same orchestrator (slots, queue, threads) that serves
-gRPC, seen as the async `Backend` that serving/openai_api.py talks to."""
+gRPC, seen as the async `Backend` that glmjax/serving/openai_api.py talks to."""
 
 import asyncio
 import functools
-import queue
-import random
 import threading
 
 import jax
@@ -15,24 +13,32 @@ from glmjax.config import GlmConfig
 from glmjax.generate import bucket
 from glmjax.inference import hidden_states
 from glmjax.serving.chat import ChatTemplate
-from glmjax.serving.engine import MAX_STOP_IDS, SlotSettings
-from glmjax.serving.openai_api import ApiError, GenEvent, GenRequest, TokenLogprob
-from glmjax.serving.orchestrator import Draining, Orchestrator, QueueFull, Request
-from glmjax.serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from glmjax.serving.contract import GenRequest, Limits, slot_settings
+from glmjax.serving.openai_api import ApiError, GenEvent, TokenLogprob
+from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
 from glmjax.serving.tokenizer import Tokenizer
+
+RETRY_AFTER_S = 1  # what 429 and 503 tell clients to wait
 
 
 class EngineBackend:
     def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer, cfg: GlmConfig,
                  params: dict, model_name: str, max_seq_len: int, chat_template: ChatTemplate,
-                 ready=lambda: True):
+                 ready=lambda: True, draining=lambda: False,
+                 served_names: tuple[str, ...] = ()):
         self.orchestrator, self.tokenizer, self.cfg, self.params = (
             orchestrator, tokenizer, cfg, params)
         self.model_name, self.max_context, self.chat_template = (
             model_name, max_seq_len, chat_template)
+        self.served_names = tuple(dict.fromkeys((model_name,) + tuple(served_names)))
         self.vocab_size = cfg.vocab_size
-        self.ready = ready
+        self.eos_ids = tuple(cfg.eos_token_ids)
+        self.ready, self.draining = ready, draining
         self._embed_lock = threading.Lock()
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.vocab_size, self.max_context, self.eos_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -40,45 +46,38 @@ class EngineBackend:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def _request(self, r: GenRequest) -> Request:
-        stop_ids = () if r.ignore_eos else tuple(self.cfg.eos_token_ids)[:MAX_STOP_IDS]
-        if len(r.logit_bias) > MAX_LOGIT_BIAS:
-            raise ApiError(400, f'logit_bias has {len(r.logit_bias)} entries; at most '
-                           f'{MAX_LOGIT_BIAS}', 'logit_bias')
-        settings = SlotSettings(
-            max_new=r.max_tokens, stop_ids=stop_ids, temperature=r.temperature, top_k=r.top_k,
-            top_p=r.top_p, min_p=r.min_p, repetition_penalty=r.repetition_penalty,
-            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
-            seed=random.getrandbits(32) if r.seed is None else r.seed % 2**32,
-            logit_bias=tuple(sorted(r.logit_bias.items())))
-        top = 0 if r.logprobs is None else min(r.logprobs, TOP_LOGPROBS)
-        return Request(r.prompt_ids, settings, self.tokenizer, tuple(r.stop), top)
-
-    def generate(self, r: GenRequest) -> '_Events':
-        """Submits at once, so that a full queue is an HTTP 429 before any streaming starts;
-        the events follow as the engine produces them."""
-        req = self._request(r)
+    def generate_all(self, requests: list[GenRequest]) -> list['_Events']:
+        """Submits every request or none, at once, so that a full queue is an HTTP 429 before
+        any streaming starts; the events follow as the engine produces them. The requests
+        passed `contract.check` in the HTTP front."""
+        loop = asyncio.get_running_loop()
+        reqs = [Request(r.prompt_ids, slot_settings(r, self.limits), self.tokenizer,
+                        tuple(r.stop), r.logprobs or 0) for r in requests]
+        events = [_Events(req, r.logprobs is not None, loop) for req, r in zip(reqs, requests)]
         try:
-            self.orchestrator.submit(req)
+            self.orchestrator.submit_all(reqs)
         except QueueFull as e:
-            raise ApiError(429, str(e), code='queue_full', kind='rate_limit_error') from None
+            raise ApiError(429, str(e), code='queue_full', kind='rate_limit_error',
+                           retry_after=RETRY_AFTER_S) from None
         except Draining as e:
-            raise ApiError(503, str(e), kind='unavailable') from None
-        return _Events(req, r.logprobs is not None)
+            raise ApiError(503, str(e), kind='unavailable', retry_after=RETRY_AFTER_S) from None
+        return events
 
     async def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return await asyncio.to_thread(self._embed, prompts)
 
     def _embed(self, prompts: list[list[int]]) -> np.ndarray:
-        """Mean of the final hidden states over each prompt's tokens, L2-normalised."""
-        T = bucket(max(len(p) for p in prompts))
-        tokens = np.zeros((len(prompts), T), np.int32)
-        mask = np.zeros((len(prompts), T, 1), np.float32)
+        """Mean of the final hidden states over each prompt's tokens, L2-normalised. Batch and
+        length are padded to powers of two, so a few programs serve every call."""
+        T, B = bucket(max(len(p) for p in prompts)), bucket(len(prompts))
+        tokens = np.zeros((B, T), np.int32)
+        mask = np.zeros((B, T, 1), np.float32)
+        mask[len(prompts):, 0] = 1.0  # padding rows: one position, never a division by zero
         for i, p in enumerate(prompts):
             tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
         with self._embed_lock:  # one embedding batch at a time beside the engine
             h = _pooled(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(mask))
-        return np.asarray(h)
+        return np.asarray(h)[:len(prompts)]
 
     def stats(self) -> dict[str, float]:
         s = self.orchestrator.stats()
@@ -88,11 +87,14 @@ class EngineBackend:
 
 
 class _Events:
-    """The request's chunks as GenEvents. Closing it (or the client leaving, which cancels
-    the task awaiting it) cancels the request, and its slot is freed at the next step."""
+    """The request's chunks as GenEvents, fed to an asyncio queue by the thread that emits
+    them (no thread waits on an abandoned request). Closing it (or the client leaving, which
+    cancels the task awaiting it) cancels the request; its slot is freed at the next step."""
 
-    def __init__(self, req: Request, logprobs: bool):
+    def __init__(self, req: Request, logprobs: bool, loop: asyncio.AbstractEventLoop):
         self.req, self.logprobs, self.done, self.first = req, logprobs, False, True
+        self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        req.on_chunk = lambda chunk: loop.call_soon_threadsafe(self.queue.put_nowait, chunk)
 
     def __aiter__(self):
         return self
@@ -101,36 +103,30 @@ class _Events:
         if self.done:
             raise StopAsyncIteration
         try:
-            chunk = await self._next_chunk()
+            chunk = await self.queue.get()
         except BaseException:
             self.req.cancel()
             raise
-        if chunk.finish_reason == 'error':
-            self.done = True
-            raise ApiError(503, f'the engine failed: {chunk.stop_reason}', kind='server_error')
-        if chunk.finish_reason == 'unavailable':
-            self.done = True
-            raise ApiError(503, f'the server cannot serve: {chunk.stop_reason}',
-                           kind='unavailable')
         self.done = chunk.finish_reason is not None
+        if chunk.finish_reason == 'error':
+            raise ApiError(500, f'the engine failed: {chunk.stop_reason}', kind='server_error')
+        if chunk.finish_reason == 'unavailable':
+            raise ApiError(503, f'the server cannot serve: {chunk.stop_reason}',
+                           kind='unavailable', retry_after=RETRY_AFTER_S)
+        if chunk.finish_reason == 'cancelled':
+            if chunk.stop_reason == 'shutdown':
+                raise ApiError(503, 'the server shut down before the request finished',
+                               kind='unavailable', code='shutdown', retry_after=RETRY_AFTER_S)
+            raise ApiError(499, 'the request was cancelled', code='cancelled')
         logprobs = None
         if self.logprobs:
             logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in
                         zip(chunk.token_ids, chunk.logprobs, chunk.top)]
-        finish = chunk.finish_reason
-        finish = finish if finish in (None, 'stop', 'length') else 'stop'
         queued = None
         if self.first and self.req.admitted is not None:
             queued = self.req.admitted - self.req.created
         self.first = False
-        return GenEvent(chunk.token_ids, chunk.text, logprobs, finish, queued)
-
-    async def _next_chunk(self):
-        while True:  # short waits: a thread never stays blocked on an abandoned request
-            try:
-                return await asyncio.to_thread(self.req.out.get, True, 0.5)
-            except queue.Empty:
-                continue
+        return GenEvent(chunk.token_ids, chunk.text, logprobs, chunk.finish_reason, queued)
 
     async def aclose(self):
         self.done = True

@@ -10,14 +10,17 @@ from glmjax.serving.openai_api import make_app
 
 
 class HttpServer:
-    def __init__(self, backend, host: str, port: int, api_key: str | None = None):
+    def __init__(self, backend, host: str, port: int, api_key: str | None = None,
+                 tls_files: tuple[str, str] | None = None):
         if port == 0:  # pick a free port ourselves, so that we can report it
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
-        self.host, self.port = host, port
+        self.host, self.port, self.backend = host, port, backend
+        cert, key = tls_files or (None, None)
         config = uvicorn.Config(make_app(backend, api_key), host=host, port=port,
-                                log_level='warning', lifespan='off')
+                                log_level='warning', lifespan='off', ssl_certfile=cert,
+                                ssl_keyfile=key)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name='glmjax-http', daemon=True)
 

@@ -8,8 +8,11 @@ OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx s
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,28 +24,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from glmjax.serving import contract
 from glmjax.serving import openai_types as T
 from glmjax.serving.chat import ChatError, ChatTemplate
+from glmjax.serving.contract import GenRequest, InvalidRequest, Limits
 from glmjax.serving.glm_parser import GlmOutputParser
 from glmjax.serving.metrics import Metrics
+from glmjax.serving.service import authorized
 
-
-@dataclasses.dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
-    seed: int | None = None
-    stop: list[str] = dataclasses.field(default_factory=list)
-    logprobs: int | None = None  # top alternatives per token; None: no logprobs
-    ignore_eos: bool = False
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -63,23 +53,37 @@ class GenEvent:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = 'invalid_request_error'):
+                 code: str | None = None, kind: str = 'invalid_request_error',
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind)
+        self.retry_after = retry_after
+
+    @classmethod
+    def invalid(cls, e: InvalidRequest) -> 'ApiError':
+        return cls(400, str(e), e.field)
+
+    def response(self) -> JSONResponse:
+        headers = {} if self.retry_after is None else {'Retry-After': str(self.retry_after)}
+        return JSONResponse(error_body(self), status_code=self.status, headers=headers)
 
 
 class Backend(Protocol):
-    """What the HTTP front needs of the engine (serving/http_backend.py adapts it)."""
+    """What the HTTP front needs of the engine (glmjax/serving/http_backend.py adapts it)."""
     model_name: str
+    served_names: tuple[str, ...]  # what `model` may say (model_name among them)
     max_context: int
     vocab_size: int
+    eos_ids: tuple[int, ...]
     chat_template: ChatTemplate
 
     def ready(self) -> bool: ...
+    def draining(self) -> bool: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
-    def generate(self, request: GenRequest) -> AsyncIterator[GenEvent]: ...
+    def generate_all(self, requests: list[GenRequest]) -> list[AsyncIterator[GenEvent]]:
+        """Admits every request or none (ApiError 429/503), at once."""
     async def embed(self, prompts: list[list[int]]) -> np.ndarray: ...
     def stats(self) -> dict[str, float]: ...
 
@@ -93,20 +97,32 @@ MEDIA_PARTS = {'image_url': 'image', 'input_image': 'image', 'image': 'image',
                'video': 'video', 'file': 'file'}
 
 
+MAX_BODY_BYTES = 8 << 20  # request bodies beyond this are a 413
+MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings call (documents per /v1/rerank)
+MAX_TOOLS = 128
+MAX_TOOLS_CHARS = 256 << 10  # the tools list as JSON
+RESERVED_TEMPLATE_ARGS = ('messages', 'tools', 'add_generation_prompt')
+
+
 def error_body(e: ApiError) -> dict:
     return {'error': {'message': e.message, 'type': e.kind, 'param': e.param, 'code': e.code}}
 
 
-def make_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+def make_app(backend: Backend, api_key: str | None = None,
+             max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title='glmjax', version='0.1.0',
                   description='OpenAI/Together-compatible API for GLM-4.x served by glmjax')
     metrics = Metrics(backend.stats)
-    _install_errors(app, api_key)
+    _install_errors(app, api_key, max_body_bytes)
 
     @app.get('/health')
     async def health():
+        if backend.draining():
+            raise ApiError(503, 'the server is draining: it finishes the requests in flight '
+                           'and accepts no new ones', kind='unavailable', code='draining')
         if not backend.ready():
-            raise ApiError(503, 'the model is loading or warming up', kind='unavailable')
+            raise ApiError(503, 'the model is loading or warming up', kind='unavailable',
+                           code='loading')
         return {'status': 'ok'}
 
     @app.get('/metrics')
@@ -116,29 +132,84 @@ def make_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     @app.get('/v1/models')
     async def models():
         return {'object': 'list', 'data': [{
-            'id': backend.model_name, 'object': 'model', 'created': 0, 'owned_by': 'glmjax',
-            'max_model_len': backend.max_context}]}
+            'id': name, 'object': 'model', 'created': 0, 'owned_by': 'glmjax',
+            'root': backend.model_name, 'max_model_len': backend.max_context}
+            for name in backend.served_names]}
 
     @app.post('/v1/chat/completions')
-    async def chat(body: T.ChatRequest):
-        return await _chat(backend, metrics, body)
+    async def chat(body: T.ChatRequest, request: Request):
+        _check_model(backend, body.model)
+        return await _until_disconnected(request, _chat(backend, metrics, body))
 
     @app.post('/v1/completions')
-    async def completions(body: T.CompletionRequest):
-        return await _completions(backend, metrics, body)
+    async def completions(body: T.CompletionRequest, request: Request):
+        _check_model(backend, body.model)
+        return await _until_disconnected(request, _completions(backend, metrics, body))
 
     @app.post('/v1/embeddings')
     async def embeddings(body: T.EmbeddingRequest):
+        _check_model(backend, body.model)
         return await _embeddings(backend, body)
 
     @app.post('/v1/rerank')
     async def rerank(body: T.RerankRequest):
+        _check_model(backend, body.model)
         return await _rerank(backend, body)
 
     for path, what in UNSUPPORTED.items():
         app.add_api_route(path, _unsupported(what), methods=['POST'],
                           include_in_schema=False)
     return app
+
+
+def _check_model(backend: Backend, model: str | None) -> None:
+    if model is not None and model not in backend.served_names:
+        raise ApiError(404, f'the model {model!r} does not exist: this server serves '
+                       f'{", ".join(repr(n) for n in backend.served_names)}', 'model',
+                       'model_not_found', kind='not_found_error')
+
+
+async def _until_disconnected(request: Request, work):
+    """Runs a handler's work, and cancels it (so its engine requests end at the next step)
+    as soon as the client disconnects. A streaming response is returned at once: from then
+    on Starlette watches the client and closes the stream."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return Response(status_code=499)  # nobody is there to read it
+
+
+async def _close_all(streams) -> None:
+    for s in streams:
+        if hasattr(s, 'aclose'):
+            await s.aclose()
+
+
+def _limits(backend: Backend) -> Limits:
+    return Limits(backend.vocab_size, backend.max_context, tuple(backend.eos_ids))
+
+
+def _no_surrogates(value, where: str) -> None:
+    """Strings with lone surrogates cannot be encoded as UTF-8 (nor tokenized)."""
+    if isinstance(value, str):
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f'{where} is not valid Unicode: a lone surrogate at '
+                           f'character {e.start}', where) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_surrogates(k, where)
+            _no_surrogates(v, f'{where}.{k}' if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_surrogates(v, f'{where}[{i}]')
 
 
 def _unsupported(what: str):
@@ -148,10 +219,10 @@ def _unsupported(what: str):
     return handler
 
 
-def _install_errors(app: FastAPI, api_key: str | None):
+def _install_errors(app: FastAPI, api_key: str | None, max_body_bytes: int):
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse(error_body(e), status_code=e.status)
+        return e.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -161,59 +232,114 @@ def _install_errors(app: FastAPI, api_key: str | None):
         message = first.get('msg', 'invalid request')
         if first.get('type') == 'json_invalid':
             message, param = 'request body is not valid JSON', None
-        return JSONResponse(error_body(ApiError(400, f'{param or "body"}: {message}', param)),
-                            status_code=400)
+        return ApiError(400, f'{param or "body"}: {message}', param).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
         kind = 'not_found' if e.status_code == 404 else 'invalid_request_error'
-        return JSONResponse(error_body(ApiError(e.status_code, str(e.detail), kind=kind)),
-                            status_code=e.status_code)
+        return ApiError(e.status_code, str(e.detail), kind=kind).response()
 
-    @app.middleware('http')
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith(('/v1', '/v2')):
-            if request.headers.get('authorization') != f'Bearer {api_key}':
-                e = ApiError(401, 'missing or wrong API key (Authorization: Bearer ...)',
-                             kind='authentication_error', code='invalid_api_key')
-                return JSONResponse(error_body(e), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        rid = uuid.uuid4().hex[:16]
+        log.error('request %s (%s %s) failed', rid, request.method, request.url.path,
+                  exc_info=e)
+        return ApiError(500, f'internal error (request id {rid})', kind='server_error',
+                        code='internal_error').response()
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+
+
+class _Guard:
+    """Pure ASGI (so that handlers can still see a client disconnect): every path but
+    /health needs the key when one is set (the API, /metrics and the docs); a body is read
+    here, at most `max_body_bytes` of it whatever Content-Length says, and replayed."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f'Bearer {api_key}'.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+        headers = {k.decode('latin-1').lower(): v.decode('latin-1')
+                   for k, v in scope.get('headers', [])}
+        if self.expected is not None and scope['path'] != '/health':
+            header = headers.get('authorization')
+            if header is None or not authorized(header, self.expected):
+                return await ApiError(401, 'missing or wrong API key (Authorization: Bearer '
+                                      '...)', kind='authentication_error',
+                                      code='invalid_api_key').response()(scope, receive, send)
+        length = headers.get('content-length', '')
+        if length.isascii() and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _too_large(self.max_body_bytes)(scope, receive, send)
+        body, more = bytearray(), scope['method'] in ('POST', 'PUT', 'PATCH')
+        while more:
+            message = await receive()
+            if message['type'] != 'http.request':
+                return  # the client left before sending its body
+            body += message.get('body', b'')
+            more = message.get('more_body', False)
+            if len(body) > self.max_body_bytes:
+                return await _too_large(self.max_body_bytes)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {'type': 'http.request', 'body': bytes(body), 'more_body': False}
+            return await receive()  # from here on: only the disconnect
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return ApiError(413, f'the request body exceeds the limit of {limit} bytes',
+                    code='request_too_large').response()
 
 
 # ---- chat ---------------------------------------------------------------------------------
 
-def _check_messages(messages: list[dict]):
-    roles = ('system', 'user', 'assistant', 'tool')
+ROLES = ('system', 'developer', 'user', 'assistant', 'tool')
+
+
+def _check_messages(messages: list[dict]) -> list[dict]:
+    """Checks each message; returns them with OpenAI's `developer` role read as `system`."""
+    out = []
     for i, m in enumerate(messages):
         role = m.get('role')
-        if role not in roles:
-            raise ApiError(400, f'messages[{i}].role must be one of {", ".join(roles)}, got '
+        if not isinstance(role, str) or role not in ROLES:
+            raise ApiError(400, f'messages[{i}].role must be one of {", ".join(ROLES)}, got '
                            f'{role!r}', f'messages[{i}].role')
         content = m.get('content')
         if isinstance(content, list):
             for j, part in enumerate(content):
                 kind = part.get('type') if isinstance(part, dict) else None
-                if kind in MEDIA_PARTS:
+                if isinstance(kind, str) and kind in MEDIA_PARTS:
                     raise ApiError(400, f'messages[{i}].content[{j}]: {MEDIA_PARTS[kind]} input '
                                    'is not supported: GLM-4.6 is a text-only model',
                                    f'messages[{i}].content[{j}]', 'unsupported_modality')
                 if kind != 'text' or not isinstance(part.get('text'), str):
-                    raise ApiError(400, f'messages[{i}].content[{j}] must be a text part',
+                    raise ApiError(400, f'messages[{i}].content[{j}] must be a text part '
+                                   '({"type": "text", "text": "..."})',
                                    f'messages[{i}].content[{j}]')
         elif content is not None and not isinstance(content, str):
             raise ApiError(400, f'messages[{i}].content must be a string or a list of parts',
                            f'messages[{i}].content')
-        if role in ('user', 'system') and not content:
+        if role in ('user', 'system', 'developer') and not content:
             raise ApiError(400, f'messages[{i}] ({role}) has no content',
                            f'messages[{i}].content')
         if role == 'tool' and not isinstance(m.get('tool_call_id'), str):
             raise ApiError(400, f'messages[{i}] (tool) needs a tool_call_id',
                            f'messages[{i}].tool_call_id')
-        for key in ('reasoning', 'reasoning_content'):
+        for key in ('reasoning', 'reasoning_content', 'name'):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise ApiError(400, f'messages[{i}].{key} must be a string',
                                f'messages[{i}].{key}')
         _check_tool_calls(m.get('tool_calls'), f'messages[{i}].tool_calls')
+        out.append({**m, 'role': 'system'} if role == 'developer' else m)
+    return out
 
 
 def _check_tool_calls(calls, where: str):
@@ -231,28 +357,67 @@ def _check_tool_calls(calls, where: str):
                            f'{where}[{j}]')
 
 
+def _not_yet(field: str, what: str) -> ApiError:
+    return ApiError(400, f'{field}: {what} is not supported by this server yet; the request '
+                    'is refused rather than answered without it', field, 'unsupported_field')
+
+
+def _check_unsupported(body: T.Sampling) -> None:
+    """Fields the server cannot honour yet are errors, never silently ignored."""
+    fmt = body.response_format
+    if fmt is not None and fmt.get('type') != 'text':
+        raise _not_yet('response_format', 'structured output (json_object, json_schema)')
+    if body.safety_model is not None:
+        raise _not_yet('safety_model', 'moderation by a safety model')
+    for field in ('structured_outputs', 'guided_json', 'guided_regex', 'guided_choice',
+                  'guided_grammar'):
+        if getattr(body, field) is not None:
+            raise _not_yet(field, 'constrained decoding')
+    reasoning = getattr(body, 'reasoning', None)
+    if reasoning is not None and reasoning.max_tokens is not None:
+        raise _not_yet('reasoning.max_tokens', 'a reasoning budget')
+
+
 def _tools_for(body: T.ChatRequest) -> list[dict] | None:
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+    if tools and len(tools) > MAX_TOOLS:
+        raise ApiError(400, f'at most {MAX_TOOLS} tools, got {len(tools)}', 'tools')
+    if tools and len(json.dumps(tools, ensure_ascii=False)) > MAX_TOOLS_CHARS:
+        raise ApiError(400, f'the tools take more than {MAX_TOOLS_CHARS} characters as JSON',
+                       'tools')
     choice = body.tool_choice
     if choice == 'none':
         return None
     if isinstance(choice, dict):
-        name = (choice.get('function') or {}).get('name')
-        chosen = [t for t in tools or [] if (t.get('function') or {}).get('name') == name]
-        if not chosen:
-            raise ApiError(400, f'tool_choice names function {name!r}, which is not in tools',
+        fn = choice.get('function')
+        if choice.get('type', 'function') != 'function' or not isinstance(fn, dict) \
+                or not isinstance(fn.get('name'), str):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or '
+                           '{"type": "function", "function": {"name": ...}}', 'tool_choice')
+        if not any((t.get('function') or {}).get('name') == fn['name'] for t in tools or []):
+            raise ApiError(400, f'tool_choice names function {fn["name"]!r}, which is not in '
+                           'tools', 'tool_choice')
+        raise _not_yet('tool_choice', 'forcing a named function')
+    if choice == 'required':
+        if not tools:
+            raise ApiError(400, 'tool_choice is required but no tools were given',
                            'tool_choice')
-        return chosen
-    if choice == 'required' and not tools:
-        raise ApiError(400, 'tool_choice is required but no tools were given', 'tool_choice')
+        raise _not_yet('tool_choice', '"required" (forcing a tool call)')
     return tools
 
 
 def _template_kwargs(body: T.ChatRequest) -> dict:
     kwargs = dict(body.chat_template_kwargs or {})
+    for name in RESERVED_TEMPLATE_ARGS:
+        if name in kwargs:
+            raise ApiError(400, f'chat_template_kwargs.{name} is set by the server and cannot '
+                           'be passed', f'chat_template_kwargs.{name}')
     if body.reasoning is not None:
         kwargs['enable_thinking'] = body.reasoning.enabled
     return kwargs
+
+
+LOGIT_BIAS_KEY = re.compile(r'-?[0-9]{1,12}')
 
 
 def _gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_tokens,
@@ -261,26 +426,33 @@ def _gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_tok
         raise ApiError(400, f'the prompt is {len(prompt)} tokens; the context is '
                        f'{backend.max_context}', param, 'context_length_exceeded')
     room = backend.max_context - len(prompt)
-    if max_tokens is not None and max_tokens > room:
+    if isinstance(max_tokens, int) and max_tokens > room:
         raise ApiError(400, f'the prompt is {len(prompt)} tokens and max_tokens is '
                        f'{max_tokens}: more than the context of {backend.max_context}',
                        'max_tokens', 'context_length_exceeded')
     bias = {}
     for k, v in (body.logit_bias or {}).items():
-        if not k.lstrip('-').isdigit() or not 0 <= int(k) < backend.vocab_size:
-            raise ApiError(400, f'logit_bias key {k!r} is not a token id below '
-                           f'{backend.vocab_size}', 'logit_bias')
-        bias[int(k)] = max(-100.0, min(100.0, v))
+        if not LOGIT_BIAS_KEY.fullmatch(k):
+            raise ApiError(400, f'logit_bias key {k!r} is not a token id', 'logit_bias')
+        bias[int(k)] = v
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     base = GenRequest(
-        prompt_ids=prompt, max_tokens=max_tokens or room,
+        prompt_ids=prompt, max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=body.top_p or 1.0, top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
+        min_p=0.0 if body.min_p is None else body.min_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=bias, stop=[s for s in stop if s], logprobs=logprobs,
-        ignore_eos=body.ignore_eos)
+        logit_bias=bias, stop=stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
+    try:
+        contract.check(base, _limits(backend))
+        if body.seed is not None:
+            contract.check(dataclasses.replace(base, seed=body.seed + body.n - 1),
+                           _limits(backend))
+    except InvalidRequest as e:
+        raise ApiError.invalid(e) from None
     return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + i)
             for i in range(body.n)]
 
@@ -291,28 +463,40 @@ def _logprob_count(body: T.ChatRequest) -> tuple[int | None, str | None]:
         return body.top_logprobs or 0, 'openai'
     if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool) \
             and body.logprobs > 0:
-        return min(body.logprobs, 20), 'together'
+        return body.logprobs, 'together'
     return None, None
 
 
-async def _chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
-    _check_messages(body.messages)
-    tools = _tools_for(body)
+def _render_and_encode(backend: Backend, messages, tools, kwargs) -> list[int]:
     try:
-        text = backend.chat_template.render(body.messages, tools=tools,
-                                            **_template_kwargs(body))
+        text = backend.chat_template.render(messages, tools=tools, **kwargs)
     except ChatError as e:
         raise ApiError(400, str(e), 'messages') from None
-    prompt = backend.encode(text)
+    return backend.encode(text)
+
+
+async def _chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
+    _no_surrogates(body.model_dump(exclude_unset=True), '')
+    _check_unsupported(body)
+    messages = _check_messages(body.messages)
+    tools = _tools_for(body)
+    kwargs = _template_kwargs(body)
+    # Rendering and tokenizing a long prompt takes a while: not on the event loop.
+    prompt = await asyncio.to_thread(_render_and_encode, backend, messages, tools, kwargs)
     n_logprobs, style = _logprob_count(body)
     requests = _gen_requests(backend, body, prompt, body.max_completion_tokens or
                              body.max_tokens, n_logprobs, 'messages')
     rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
-    streams = [metrics.track(backend.generate(r), len(prompt)) for r in requests]
+    handles = backend.generate_all(requests)
+    streams = [metrics.track(h, len(prompt)) for h in handles]
     if body.stream:
-        return _sse(_chat_chunks(backend, body, streams, tools, rid, created, len(prompt)))
-    choices = await asyncio.gather(*[_chat_choice(backend, i, s, tools, style)
-                                     for i, s in enumerate(streams)])
+        return _sse(_chat_chunks(backend, body, streams, tools, rid, created, len(prompt)),
+                    handles)
+    try:
+        choices = await asyncio.gather(*[_chat_choice(backend, i, s, tools, style)
+                                         for i, s in enumerate(streams)])
+    finally:  # an error in one choice, or the client gone: the others end too
+        await _close_all(handles)
     completion = sum(c.pop('_tokens') for c in choices)
     return {'id': rid, 'object': 'chat.completion', 'created': created,
             'model': backend.model_name, 'choices': choices, 'prompt': [],
@@ -419,13 +603,17 @@ def _chat_delta(delta) -> dict:
     return out
 
 
-def _sse(chunks) -> StreamingResponse:
+def _sse(chunks, handles) -> StreamingResponse:
+    """Server-sent events; when the client leaves (Starlette then cancels this body) or the
+    stream fails, every choice's engine request ends, not only the one being streamed."""
     async def body():
         try:
             async for c in chunks:
                 yield f'data: {json.dumps(c, ensure_ascii=False)}\n\n'
         except ApiError as e:  # after the headers: the error travels as an event
             yield f'data: {json.dumps(error_body(e))}\n\n'
+        finally:
+            await _close_all(handles)
         yield 'data: [DONE]\n\n'
     return StreamingResponse(body(), media_type='text/event-stream')
 
@@ -453,15 +641,23 @@ def _prompts(backend: Backend, prompt, param: str) -> list[list[int]]:
 
 
 async def _completions(backend: Backend, metrics: Metrics, body: T.CompletionRequest):
+    _no_surrogates(body.model_dump(exclude_unset=True), '')
+    _check_unsupported(body)
     if body.suffix:
         raise ApiError(400, 'suffix is not supported: GLM-4.6 has no fill-in-the-middle mode',
                        'suffix')
-    prompts = _prompts(backend, body.prompt, 'prompt')
+    prompts = await asyncio.to_thread(_prompts, backend, body.prompt, 'prompt')
+    if len(prompts) * body.n > contract.MAX_N:
+        raise ApiError(400, f'{len(prompts)} prompts x n={body.n} is more than '
+                       f'{contract.MAX_N} choices', 'prompt')
     rid, created = f'cmpl-{uuid.uuid4().hex}', int(time.time())
-    jobs = []
+    requests, owners = [], []
     for p in prompts:
         for r in _gen_requests(backend, body, p, body.max_tokens, body.logprobs, 'prompt'):
-            jobs.append((p, metrics.track(backend.generate(r), len(p))))
+            requests.append(r)
+            owners.append(p)
+    handles = backend.generate_all(requests)
+    jobs = [(p, metrics.track(h, len(p))) for p, h in zip(owners, handles)]
     n_prompt = sum(len(p) for p in prompts) * body.n
 
     if body.stream:
@@ -477,7 +673,7 @@ async def _completions(backend: Backend, metrics: Metrics, body: T.CompletionReq
                 yield {'id': rid, 'object': 'text_completion', 'created': created,
                        'model': backend.model_name, 'choices': [],
                        'usage': _usage(n_prompt, total)}
-        return _sse(chunks())
+        return _sse(chunks(), handles)
 
     async def collect(index, p, stream):
         text, n, finish, lps = '', 0, None, []
@@ -495,7 +691,10 @@ async def _completions(backend: Backend, metrics: Metrics, body: T.CompletionReq
                 'top_logprobs': [{backend.decode([i]): lp for i, lp in t.top} for t in lps]}
         return choice
 
-    choices = await asyncio.gather(*[collect(i, p, s) for i, (p, s) in enumerate(jobs)])
+    try:
+        choices = await asyncio.gather(*[collect(i, p, s) for i, (p, s) in enumerate(jobs)])
+    finally:
+        await _close_all(handles)
     completion = sum(c.pop('_tokens') for c in choices)
     return {'id': rid, 'object': 'text_completion', 'created': created,
             'model': backend.model_name, 'choices': choices,
@@ -511,8 +710,16 @@ def _text_chunk(rid, created, backend, index, text, finish):
 
 # ---- embeddings and rerank ----------------------------------------------------------------
 
+def _check_inputs(n: int, param: str) -> None:
+    if n > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f'at most {MAX_EMBEDDING_INPUTS} inputs per call, got {n}', param)
+
+
 async def _embeddings(backend: Backend, body: T.EmbeddingRequest):
-    prompts = _prompts(backend, body.input, 'input')
+    _no_surrogates(body.model_dump(exclude_unset=True), '')
+    if isinstance(body.input, list) and body.input and not isinstance(body.input[0], int):
+        _check_inputs(len(body.input), 'input')
+    prompts = await asyncio.to_thread(_prompts, backend, body.input, 'input')
     for i, p in enumerate(prompts):
         if len(p) > backend.max_context:
             raise ApiError(400, f'input[{i}] is {len(p)} tokens; the context is '
@@ -541,8 +748,10 @@ def _document_text(doc, fields: list[str] | None, i: int) -> str:
 
 async def _rerank(backend: Backend, body: T.RerankRequest):
     """Relevance = cosine similarity of the model's pooled embeddings of query and document."""
+    _no_surrogates(body.model_dump(exclude_unset=True), '')
+    _check_inputs(len(body.documents), 'documents')
     texts = [_document_text(d, body.rank_fields, i) for i, d in enumerate(body.documents)]
-    prompts = _prompts(backend, [body.query] + texts, 'documents')
+    prompts = await asyncio.to_thread(_prompts, backend, [body.query] + texts, 'documents')
     vectors = np.asarray(await backend.embed(prompts), np.float32)
     scores = vectors[1:] @ vectors[0]
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[:body.top_n or len(texts)]

@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI/Together-compatible HTTP API, validated by pydantic.
 
-Unknown fields are ignored (clients send many); wrong types and out-of-range values are
-400s that name the field. Field ranges follow the OpenAI and Together documentation.
+Unknown fields are ignored (clients send many); wrong types are 400s that name the field.
+The ranges of the sampling fields are checked by glmjax/serving/contract.py, the same for
+gRPC and HTTP. Fields the server cannot honour yet are declared here so that using them is a
+400 that says so, never silently ignored.
 """
 
 from typing import Any, Literal
@@ -19,26 +21,35 @@ class StreamOptions(_Body):
 
 class Reasoning(_Body):
     enabled: bool = True
+    max_tokens: int | None = None  # a reasoning budget: refused until it is implemented
 
 
 class Sampling(_Body):
     """Fields shared by chat and text completions."""
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=16)  # contract.MAX_N
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks with fixed output lengths
+    # Not honoured yet: a request that sets any of these is refused (400).
+    response_format: dict[str, Any] | None = None
+    safety_model: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class FunctionDef(BaseModel):
@@ -58,9 +69,9 @@ class ChatRequest(Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal['none', 'auto', 'required'] | dict[str, Any] | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool | int | None = None  # OpenAI: bool with top_logprobs; Together: int
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning: Reasoning | None = None
 
@@ -68,7 +79,7 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = None
     suffix: str | None = None
 
 

@@ -23,8 +23,10 @@
         v
     request.out queue -> its gRPC handler thread streams each Chunk as a response
 
-Cancellation (client gone, deadline passed) only sets a flag on the request; the engine
-thread frees its slot, or drops it from the queue, at its next iteration.
+Cancellation (client gone, deadline passed, shutdown) only sets a flag on the request, with
+its cause; the engine thread frees its slot at its next iteration, and a request that is
+over leaves the queue at once (it no longer counts against max_queue). The final chunk of a
+cancelled request carries the cause, so each API can answer with the status it deserves.
 """
 
 import collections
@@ -33,6 +35,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -48,6 +51,9 @@ class QueueFull(Exception):
     pass
 
 
+CANCEL_CAUSES = ('client', 'deadline', 'shutdown')
+
+
 class Draining(Exception):
     pass
 
@@ -60,7 +66,8 @@ class Chunk:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # 'stop', 'length', 'cancelled', 'error', 'unavailable'
-    # The stop string or token id; the message for 'error' and 'unavailable'.
+    # The stop string or token id; the message for 'error' and 'unavailable'; for
+    # 'cancelled' the cause: 'client', 'deadline' or 'shutdown'.
     stop_reason: str = ''
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -72,9 +79,14 @@ class Request:
                  deadline: float | None = None):
         self.prompt, self.settings, self.top_logprobs = prompt, settings, top_logprobs
         self.deadline = deadline  # time.monotonic() value, or None
+        self.id = uuid.uuid4().hex[:16]  # in logs, and in the message of an internal error
         self.created, self.admitted = time.monotonic(), None  # queue time, for metrics
         self.out: queue.Queue[Chunk] = queue.Queue()
+        # Called with each chunk as it is queued, from whichever thread emits it (the HTTP
+        # front wakes its event loop with it instead of polling the queue).
+        self.on_chunk = None
         self.cancelled = False
+        self.cancel_cause = ''
         self.device_done = False  # the device stopped this slot (stop id or max_new)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -88,11 +100,21 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    def cancel(self, cause: str = 'client') -> None:
+        assert cause in CANCEL_CAUSES, cause
+        if not self.cancelled:
+            self.cancel_cause, self.cancelled = cause, True
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
+
+    def over(self, now: float, closing: bool) -> str | None:
+        """Why the request must stop now (a cancellation cause), or None."""
+        if self.cancelled:
+            return self.cancel_cause
+        if self.expired(now):
+            return 'deadline'
+        return 'shutdown' if closing else None
 
     def emit(self, chunk: Chunk) -> bool:
         """Queues a chunk unless the request already finished; a chunk with a finish
@@ -105,7 +127,13 @@ class Request:
                 chunk.prompt_tokens = len(self.prompt)
                 chunk.completion_tokens = self.completion_tokens
             self.out.put(chunk)
-            return True
+            hook = self.on_chunk
+        if hook is not None:
+            try:
+                hook(chunk)
+            except Exception:  # e.g. the HTTP event loop is gone: never the engine's problem
+                log.exception('request %s: chunk hook failed', self.id)
+        return True
 
     def finish(self, reason: str, message: str = '') -> bool:
         return self.emit(Chunk(finish_reason=reason, stop_reason=message))
@@ -130,16 +158,42 @@ class Orchestrator:
             t.start()
 
     def submit(self, req: Request) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queues every request or none (QueueFull, Draining): the `n` choices of one HTTP
+        request are admitted together."""
         with self._cond:
             if self._lost is not None:
                 raise Draining(f'the server cannot serve: {self._lost}')
             if self._draining or self._closing:
                 raise Draining('the server is shutting down and accepts no new requests')
-            busy = sum(s is not None for s in self._slots)
-            if busy + len(self._pending) >= self.engine.max_batch + self.max_queue:
+            self._prune_pending()
+            # A request that is over no longer counts, though its slot frees at the next step.
+            now = time.monotonic()
+            busy = sum(s is not None and s.over(now, False) is None for s in self._slots)
+            capacity = self.engine.max_batch + self.max_queue
+            if busy + len(self._pending) + len(reqs) > capacity:
                 raise QueueFull(f'all {self.engine.max_batch} slots are busy and the queue '
-                                f'holds its maximum of {self.max_queue} requests')
-            self._pending.append(req)
+                                f'holds its maximum of {self.max_queue} requests'
+                                + (f' (this request needs {len(reqs)})' if len(reqs) > 1
+                                   else ''))
+            self._pending.extend(reqs)
+            self._cond.notify_all()
+
+    def _prune_pending(self) -> None:
+        """Ends the waiting requests that are over (cancelled, expired), so that they stop
+        counting against the queue at once. Called with the lock held."""
+        now = time.monotonic()
+        live = collections.deque()
+        for req in self._pending:
+            cause = req.over(now, self._closing)
+            if cause is None:
+                live.append(req)
+            else:
+                req.finish('cancelled', cause)
+        if len(live) != len(self._pending):
+            self._pending = live
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
@@ -174,7 +228,7 @@ class Orchestrator:
         with self._cond:
             self._closing = True
             for req in list(self._pending) + [s for s in self._slots if s is not None]:
-                req.cancel()
+                req.cancel('shutdown')
             self._cond.notify_all()
         for t in self._threads:
             if t.is_alive() and t is not threading.current_thread():
@@ -213,6 +267,8 @@ class Orchestrator:
         self._detok_queue.put(None)
 
     def _step(self) -> list[tuple[StepOutput, list[Request | None]]]:
+        with self._cond:
+            self._prune_pending()
         self._release()
         current = self._admit()
         with self._cond:
@@ -227,11 +283,11 @@ class Orchestrator:
         for slot, req in enumerate(self._slots):
             if req is None:
                 continue
-            stopped = req.cancelled or req.expired(now) or self._closing
-            if not (stopped or req.finished or req.device_done):
+            cause = req.over(now, self._closing)
+            if not (cause or req.finished or req.device_done):
                 continue
-            if stopped:
-                req.finish('cancelled')
+            if cause:
+                req.finish('cancelled', cause)
             self.engine.free(slot)
             with self._cond:
                 self._slots[slot] = None
@@ -243,8 +299,9 @@ class Orchestrator:
         with self._cond:
             while self._pending:
                 req = self._pending.popleft()
-                if req.cancelled or req.expired(now) or self._closing:
-                    req.finish('cancelled')
+                cause = req.over(now, self._closing)
+                if cause:
+                    req.finish('cancelled', cause)
                     self._cond.notify_all()
                     continue
                 return req
@@ -259,8 +316,19 @@ class Orchestrator:
             if req is None:
                 break
             req.admitted = time.monotonic()
-            prefix = self.engine.prefill(req.prompt)
-            firsts.append((self.engine.insert(prefix, slot, req.settings), [req]))
+            try:
+                prefix = self.engine.prefill(req.prompt)
+                first = self.engine.insert(prefix, slot, req.settings)
+            except Exception as e:
+                if isinstance(e, EngineLost) or self.engine.lost() is not None:
+                    raise
+                # This request alone fails (the decode state is only replaced when insert
+                # returns, so the other slots are untouched).
+                log.exception('request %s failed to start', req.id)
+                req.finish('error', f'request {req.id} failed to start: '
+                           f'{type(e).__name__}: {e}')
+                continue
+            firsts.append((first, [req]))
             with self._cond:
                 if self._lost is not None:  # aborted while this request was being admitted
                     req.finish('unavailable', self._lost)

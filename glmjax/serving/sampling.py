@@ -15,7 +15,7 @@ import numpy as np
 from flax import struct
 
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request
-TOP_LOGPROBS = 8  # alternatives computed per token; a request asks for 0..TOP_LOGPROBS
+TOP_LOGPROBS = 20  # alternatives computed per token (OpenAI's limit); 0..TOP_LOGPROBS
 
 
 @struct.dataclass

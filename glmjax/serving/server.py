@@ -61,7 +61,11 @@ _STEPS = flags.DEFINE_integer('decode_steps', 4, 'decode steps per device call')
 _API_KEY = flags.DEFINE_string('api_key', None, 'require "authorization: Bearer <key>" '
                                '(default: $GLMJAX_API_KEY, else no auth)')
 _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with --tls_key)')
-_TLS_KEY = flags.DEFINE_string('tls_key', None, 'PEM private key (with --tls_cert)')
+_TLS_KEY = flags.DEFINE_string('tls_key', None, 'PEM private key (with --tls_cert); both '
+                               'serve gRPC and HTTP over TLS')
+_SERVED_NAMES = flags.DEFINE_multi_string('served_model_name', [], 'a name the HTTP API '
+                                          'answers to in `model` (repeat for several, e.g. '
+                                          'zai-org/GLM-4.6); the model\'s own name always')
 _GRACE = flags.DEFINE_float('drain_grace_s', 30.0, 'on SIGTERM, seconds in-flight requests '
                             'get to finish')
 _MESH = flags.DEFINE_string('mesh', None, 'device mesh over all devices of all processes, '
@@ -121,15 +125,18 @@ def chat_template(model_dir: str | None) -> ChatTemplate:
 
 
 def start_http(server: GlmServer, params, api_key: str | None, model_dir: str | None,
-               host: str, port: int):
-    """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots."""
+               host: str, port: int, served_names: tuple[str, ...] = (),
+               tls_files: tuple[str, str] | None = None):
+    """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots.
+    `tls_files`: (certificate chain, private key) PEM paths, the same as gRPC's."""
     from glmjax.serving.http_backend import EngineBackend
     from glmjax.serving.http_server import HttpServer
     backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg, params,
                             server.model_name, server.engine.max_seq_len,
                             chat_template(model_dir),
-                            ready=lambda: server.ready and not server.stopping)
-    return HttpServer(backend, host, port, api_key).start()
+                            ready=lambda: server.ready and not server.stopping,
+                            draining=lambda: server.stopping, served_names=served_names)
+    return HttpServer(backend, host, port, api_key, tls_files).start()
 
 
 def _name(path: str) -> str:
@@ -208,10 +215,13 @@ def main(argv):
     print(f'glmjax-serve: listening on {_HOST.value}:{server.port} (warming up)', flush=True)
     http = None
     if _HTTP_PORT.value >= 0:
+        tls_files = (_TLS_CERT.value, _TLS_KEY.value) if _TLS_CERT.value else None
         http = start_http(server, params, api_key, _CHECKPOINT.value or _HF_DIR.value,
-                          _HTTP_HOST.value, _HTTP_PORT.value)
-        print(f'glmjax-serve: HTTP API on http://{_HTTP_HOST.value}:{http.port}/v1',
-              flush=True)
+                          _HTTP_HOST.value, _HTTP_PORT.value, tuple(_SERVED_NAMES.value),
+                          tls_files)
+        scheme = 'https' if tls_files else 'http'
+        print(f'glmjax-serve: HTTP API on {scheme}://{_HTTP_HOST.value}:{http.port}/v1 '
+              f'(models: {", ".join(http.backend.served_names)})', flush=True)
     lost = threading.Event()
 
     def fail(message: str) -> None:

@@ -7,11 +7,10 @@ from the moment a shutdown begins.
 
 import concurrent.futures
 import dataclasses
+import hmac
 import json
 import logging
-import math
 import queue
-import random
 import time
 
 import grpc
@@ -20,110 +19,47 @@ from grpc_reflection.v1alpha import reflection
 
 from glmjax.config import GlmConfig
 from glmjax.serving import protos
-from glmjax.serving.engine import MAX_STOP_IDS, Engine, SlotSettings
+from glmjax.serving.contract import GenRequest, InvalidRequest, Limits, check, slot_settings
+from glmjax.serving.engine import Engine
 from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
 from glmjax.serving.protos import pb, pb_grpc
-from glmjax.serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from glmjax.serving.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 256
 FINISH = {'stop': pb.STOP, 'length': pb.LENGTH, 'cancelled': pb.CANCELLED}
 
 
-class InvalidRequest(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f'{field}: {message}')
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(field, message)
-
-
-def _number(value: float, field: str, low: float, high: float, low_open: bool = False):
-    inside = low < value <= high if low_open else low <= value <= high
-    interval = f'{"(" if low_open else "["}{low}, {high}]'
-    _check(math.isfinite(value) and inside, field, f'must be in {interval}, got {value}')
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    vocab_size: int
-    max_seq_len: int
-    eos_ids: tuple[int, ...]
-
-
-def _prompt(msg, tokenizer: Tokenizer, limits: Limits) -> list[int]:
-    _check(not (msg.text and msg.token_ids), 'prompt',
-           "set exactly one of 'text' or 'token_ids', not both")
-    ids = list(msg.token_ids) if msg.token_ids else tokenizer.encode(msg.text) if msg.text else []
-    _check(len(ids) > 0, 'prompt', "empty: set 'text' or 'token_ids'")
-    for i, t in enumerate(msg.token_ids):
-        _check(0 <= t < limits.vocab_size, f'token_ids[{i}]',
-               f'{t} is outside the vocabulary [0, {limits.vocab_size})')
-    _check(len(ids) < limits.max_seq_len, 'prompt',
-           f'{len(ids)} tokens leave no room to generate within the context limit '
-           f'(max_seq_len) of {limits.max_seq_len} tokens')
-    return ids
-
-
-def _sampling(s, limits: Limits) -> dict:
-    temperature = s.temperature if s.HasField('temperature') else 1.0
-    top_p = s.top_p if s.HasField('top_p') else 1.0
-    rp = s.repetition_penalty if s.HasField('repetition_penalty') else 1.0
-    _number(temperature, 'sampling.temperature', 0.0, 1e4)
-    _check(s.top_k >= 0, 'sampling.top_k', f'must be >= 0, got {s.top_k}')
-    _number(top_p, 'sampling.top_p', 0.0, 1.0, low_open=True)
-    _number(s.min_p, 'sampling.min_p', 0.0, 1.0)
-    _number(rp, 'sampling.repetition_penalty', 0.0, 1e4, low_open=True)
-    _number(s.presence_penalty, 'sampling.presence_penalty', -2.0, 2.0)
-    _number(s.frequency_penalty, 'sampling.frequency_penalty', -2.0, 2.0)
-    _check(len(s.logit_bias) <= MAX_LOGIT_BIAS, 'sampling.logit_bias',
-           f'at most {MAX_LOGIT_BIAS} entries, got {len(s.logit_bias)}')
-    for token, bias in s.logit_bias.items():
-        _check(0 <= token < limits.vocab_size, 'sampling.logit_bias',
-               f'token id {token} is outside the vocabulary [0, {limits.vocab_size})')
-        _number(bias, f'sampling.logit_bias[{token}]', -100.0, 100.0)
-    seed = s.seed if s.HasField('seed') else random.getrandbits(32)
-    return dict(temperature=temperature, top_k=s.top_k, top_p=top_p, min_p=s.min_p,
-                repetition_penalty=rp, presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty, seed=seed,
-                logit_bias=tuple(sorted(s.logit_bias.items())))
-
-
-def _stops(msg, limits: Limits) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    _check(len(msg.stop) <= MAX_STOP_STRINGS, 'stop',
-           f'at most {MAX_STOP_STRINGS} stop strings, got {len(msg.stop)}')
-    for i, s in enumerate(msg.stop):
-        _check(0 < len(s) <= MAX_STOP_STRING_CHARS, f'stop[{i}]',
-               f'must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}')
-    for i, t in enumerate(msg.stop_token_ids):
-        _check(0 <= t < limits.vocab_size, f'stop_token_ids[{i}]',
-               f'{t} is outside the vocabulary [0, {limits.vocab_size})')
-    ids = tuple(dict.fromkeys((() if msg.ignore_eos else limits.eos_ids)
-                              + tuple(msg.stop_token_ids)))
-    _check(len(ids) <= MAX_STOP_IDS, 'stop_token_ids',
-           f'at most {MAX_STOP_IDS} stop ids with the model eos ids, got {len(ids)}')
-    return tuple(msg.stop), ids
+def gen_request(msg, tokenizer: Tokenizer) -> GenRequest:
+    """The GenerateRequest as the one request type; `contract.check` validates it."""
+    if msg.text and msg.token_ids:
+        raise InvalidRequest('prompt', "set exactly one of 'text' or 'token_ids', not both")
+    if not msg.text and not msg.token_ids:
+        raise InvalidRequest('prompt', "empty: set 'text' or 'token_ids'")
+    s = msg.sampling
+    ids = list(msg.token_ids) if msg.token_ids else tokenizer.encode(msg.text)
+    return GenRequest(
+        prompt_ids=ids, max_tokens=msg.max_tokens or None,
+        temperature=s.temperature if s.HasField('temperature') else 1.0,
+        top_p=s.top_p if s.HasField('top_p') else 1.0, top_k=s.top_k, min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty if s.HasField('repetition_penalty') else 1.0,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        logit_bias=dict(s.logit_bias), seed=s.seed if s.HasField('seed') else None,
+        stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
+        logprobs=msg.top_logprobs if (msg.logprobs or msg.top_logprobs) else None,
+        ignore_eos=msg.ignore_eos)
 
 
 def build_request(msg, tokenizer: Tokenizer, limits: Limits,
                   deadline: float | None = None) -> Request:
     """Checks every field of a GenerateRequest; InvalidRequest names the one at fault."""
-    prompt = _prompt(msg, tokenizer, limits)
-    room = limits.max_seq_len - len(prompt)
-    _check(msg.max_tokens >= 0, 'max_tokens', f'must be >= 0, got {msg.max_tokens}')
-    _check(msg.max_tokens <= room, 'max_tokens',
-           f'prompt of {len(prompt)} tokens + max_tokens {msg.max_tokens} exceeds the context '
-           f'limit (max_seq_len) of {limits.max_seq_len} tokens')
-    _check(0 <= msg.top_logprobs <= TOP_LOGPROBS, 'top_logprobs',
-           f'must be between 0 and {TOP_LOGPROBS}, got {msg.top_logprobs}')
-    sampling = _sampling(msg.sampling, limits)
-    stop_strings, stop_ids = _stops(msg, limits)
-    settings = SlotSettings(max_new=msg.max_tokens or room, stop_ids=stop_ids, **sampling)
-    return Request(prompt, settings, tokenizer, stop_strings, msg.top_logprobs, deadline)
+    if msg.max_tokens < 0:
+        raise InvalidRequest('max_tokens', f'must be >= 0, got {msg.max_tokens}')
+    r = gen_request(msg, tokenizer)
+    check(r, limits, sampling_prefix='sampling.',
+          tokens_field='token_ids' if msg.token_ids else 'prompt')
+    return Request(r.prompt_ids, slot_settings(r, limits), tokenizer, tuple(r.stop),
+                   r.logprobs or 0, deadline)
 
 
 def _response(chunk: Chunk, with_logprobs: bool):
@@ -157,24 +93,29 @@ class GlmServicer(pb_grpc.GlmServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Draining as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        context.add_callback(req.cancel)  # client gone or deadline passed: free the slot
+        # Client gone or deadline passed: free the slot, with the cause.
+        context.add_callback(lambda: req.cancel(_cause(context)))
         with_logprobs = request.logprobs or request.top_logprobs > 0
         while True:
             try:
                 chunk = req.out.get(timeout=0.1)
             except queue.Empty:
                 if not context.is_active():
-                    req.cancel()
+                    req.cancel(_cause(context))
                     return
                 continue
             if chunk.finish_reason == 'error':
                 context.abort(grpc.StatusCode.INTERNAL, chunk.stop_reason)
             if chunk.finish_reason == 'unavailable':
                 context.abort(grpc.StatusCode.UNAVAILABLE, chunk.stop_reason)
-            if chunk.finish_reason == 'cancelled' and context.is_active():
-                # Only a server shutdown cancels a request whose client is still there.
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              'the server shut down before the request finished')
+            if chunk.finish_reason == 'cancelled':
+                if chunk.stop_reason == 'deadline':
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  'the deadline passed before the request finished')
+                if chunk.stop_reason == 'shutdown':
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  'the server shut down before the request finished')
+                context.abort(grpc.StatusCode.CANCELLED, 'the client cancelled the request')
             yield _response(chunk, with_logprobs)
             if chunk.finish_reason:
                 return
@@ -193,18 +134,30 @@ class GlmServicer(pb_grpc.GlmServicer):
             **self.s.orchestrator.stats())
 
 
+def authorized(header: str, expected: bytes) -> bool:
+    """`Bearer <key>` (the scheme in any case), compared in constant time."""
+    scheme, _, key = header.strip().partition(' ')
+    got = f'Bearer {key.strip()}'.encode() if scheme.lower() == 'bearer' else b''
+    return hmac.compare_digest(got, expected)
+
+
+def _cause(context) -> str:
+    remaining = context.time_remaining()
+    return 'deadline' if remaining is not None and remaining <= 0 else 'client'
+
+
 class BearerAuth(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <key>` on every call but health checks."""
 
     def __init__(self, key: str):
-        self.expected = f'Bearer {key}'
+        self.expected = f'Bearer {key}'.encode()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or details.method.startswith('/grpc.health.v1.Health/'):
             return handler
         got = dict(details.invocation_metadata).get('authorization')
-        if got == self.expected:
+        if got is not None and authorized(got, self.expected):
             return handler
         message = ('missing authorization metadata: send "authorization: Bearer <key>"'
                    if got is None else 'wrong API key')
