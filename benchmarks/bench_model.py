@@ -54,8 +54,8 @@ def main(argv):
 
     import hf_tiny
     from glmjax import GlmConfig, init_cache, load_hf, prefill
-    from glmjax.generate import _decode_loop
-    from glmjax.sampling import SamplingParams, sample
+    from glmjax.generate import _decode_loop, _sample
+    from glmjax.sampling import SamplingParams
 
     torch.set_num_threads(2)  # the same two cores XLA:CPU uses
     model = hf_tiny.make_model(seed=0, **CONFIGS[_CONFIG.value])
@@ -82,13 +82,13 @@ def main(argv):
         def do_prefill():
             cache = init_cache(cfg, B, T + N, jnp.float32)
             logits, cache = prefill(cfg, params, prompts, lengths, cache)
-            state['first'] = sample(logits, jax.random.key(0), sampling)
+            state['first'] = jax.jit(_sample)(logits, sampling, 0)
             state['cache'] = cache
             state['first'].block_until_ready()
 
         def do_decode():
-            out, cache = _decode_loop(cfg, params, state['first'], state['cache'],
-                                      jax.random.key(1), N - 1, sampling)
+            out, cache = _decode_loop(cfg, params, state['first'], state['cache'], N - 1,
+                                      sampling)
             out.block_until_ready()
             do_prefill()  # decode donated the cache; refill outside the decode timing
 

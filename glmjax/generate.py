@@ -17,25 +17,36 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames='cache')
+def _sample(logits: jax.Array, sampling: SamplingParams, index) -> jax.Array:
+    """The serving sampler with no penalties: output token `index` of every row."""
+    B, V = logits.shape
+    no_counts, no_prompt = jnp.zeros((B, V), jnp.int32), jnp.zeros((B, V), bool)
+    return sample(logits, sampling, no_counts, no_prompt, jnp.full((B,), index, jnp.int32))[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnames='cache')
 def _decode_loop(cfg: GlmConfig, params: dict, tokens: jax.Array, cache: KVCache,
-                 key: jax.Array, steps: int, sampling: SamplingParams):
-    """`steps` decode steps in one call; returns the [B, steps] sampled tokens."""
-    def step(carry, key):
+                 steps: int, sampling: SamplingParams):
+    """`steps` decode steps in one call (output tokens 1 to steps); returns the [B, steps]
+    sampled tokens."""
+    def step(carry, index):
         tokens, cache = carry
         logits, cache = decode(cfg, params, tokens, cache)
-        tokens = sample(logits, key, sampling)
+        tokens = _sample(logits, sampling, index)
         return (tokens, cache), tokens
 
-    (_, cache), out = jax.lax.scan(step, (tokens, cache), jax.random.split(key, steps))
+    (_, cache), out = jax.lax.scan(step, (tokens, cache), jnp.arange(1, steps + 1))
     return out.T, cache
 
 
 def generate(cfg: GlmConfig, params: dict, prompts: list[list[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop_ids: tuple[int, ...] | None = None) -> list[list[int]]:
+             min_p: float = 0.0, seed: int = 0,
+             stop_ids: tuple[int, ...] | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens tokens, stopping after a
-    stop id (the config's eos ids by default). Greedy when temperature is 0."""
+    stop id (the config's eos ids by default). Greedy when temperature is 0. Row i samples
+    with seed + i, as the server does for a request with that seed (and for the i-th of n
+    choices over HTTP)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError('generate needs at least one prompt, and no empty prompt')
     if max_new_tokens < 1:
@@ -54,14 +65,13 @@ def generate(cfg: GlmConfig, params: dict, prompts: list[list[int]], max_new_tok
     lengths = jnp.array([len(p) for p in prompts], jnp.int32)
     dtype = params['model']['embed'].dtype
     cache = init_cache(cfg, B, T + bucket(max_new_tokens), dtype)
-    sampling = SamplingParams.make(B, temperature, top_k, top_p)
-    key_first, key_rest = jax.random.split(jax.random.key(seed))
+    sampling = SamplingParams.make(B, temperature, top_k, top_p, min_p).replace(
+        seed=(seed + np.arange(B)).astype(np.uint32))
     logits, cache = prefill(cfg, params, jnp.asarray(tokens), lengths, cache)
-    first = sample(logits, key_first, sampling)
+    first = jax.jit(_sample)(logits, sampling, 0)
     out = [first[:, None]]
     if max_new_tokens > 1:
-        rest, _ = _decode_loop(cfg, params, first, cache, key_rest, max_new_tokens - 1,
-                               sampling)
+        rest, _ = _decode_loop(cfg, params, first, cache, max_new_tokens - 1, sampling)
         out.append(rest)
     generated = np.asarray(jnp.concatenate(out, axis=1))
     stops = set(cfg.eos_token_ids if stop_ids is None else stop_ids)

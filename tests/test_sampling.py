@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmjax.serving.sampling import TOP_LOGPROBS, SlotSampling, sample
+from glmjax.sampling import TOP_LOGPROBS, SamplingParams, sample
 
 N = 4096  # draws per statistical check: 4 sigma of a frequency is at most 4 * 0.5 / 64 = 0.03
 PROBS = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * 12, np.float32)
@@ -14,7 +14,7 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05] + [0.0] * 12, np.float32)
 def draw(probs: np.ndarray, **settings) -> np.ndarray:
     """N draws from rows of identical logits, one seed per row."""
     logits = np.log(np.maximum(probs, 1e-30)).astype(np.float32)
-    s = SlotSampling.make(N, **settings)
+    s = SamplingParams.make(N, **settings)
     s = s.replace(seed=np.arange(N, dtype=np.uint32))
     V = len(probs)
     tokens, *_ = jax.jit(sample)(jnp.tile(logits, (N, 1)), s, jnp.zeros((N, V), jnp.int32),
@@ -59,7 +59,7 @@ def test_top_k_cuts_and_renormalises():
 
 def run(logits, counts=None, prompt_mask=None, index=None, **settings):
     B, V = logits.shape
-    s = SlotSampling.make(B, **settings)
+    s = SamplingParams.make(B, **settings)
     counts = jnp.zeros((B, V), jnp.int32) if counts is None else counts
     prompt_mask = jnp.zeros((B, V), bool) if prompt_mask is None else prompt_mask
     index = jnp.zeros((B,), jnp.int32) if index is None else index
@@ -110,7 +110,7 @@ def test_presence_and_frequency_penalties_use_output_counts():
 
 def test_logit_bias_per_row():
     logits = jnp.zeros((2, 10)).at[:, 0].set(5.0)
-    s = SlotSampling.make(2, temperature=0.0, logit_bias={7: 10.0})
+    s = SamplingParams.make(2, temperature=0.0, logit_bias={7: 10.0})
     s = s.replace(bias_values=s.bias_values * np.array([[1.0], [0.0]], np.float32))
     tokens, *_ = sample(logits, s, jnp.zeros((2, 10), jnp.int32), jnp.zeros((2, 10), bool),
                         jnp.zeros((2,), jnp.int32))
@@ -138,7 +138,7 @@ def test_rows_do_not_affect_each_other(settings):
     """A row's token depends only on its own logits and settings (continuous batching)."""
     logits = jax.random.normal(jax.random.key(2), (8, 64)) * 2
     alone = [int(run(logits[i:i + 1], seed=i, **settings)[0][0]) for i in range(8)]
-    s = SlotSampling.make(8, **settings).replace(seed=np.arange(8, dtype=np.uint32))
+    s = SamplingParams.make(8, **settings).replace(seed=np.arange(8, dtype=np.uint32))
     together, *_ = sample(logits, s, jnp.zeros((8, 64), jnp.int32), jnp.zeros((8, 64), bool),
                           jnp.zeros((8,), jnp.int32))
     assert together.tolist() == alone

@@ -492,3 +492,16 @@ def test_http_client_leaving_a_stream_frees_its_slot(served, http):
     assert (info.busy_slots, info.queued) == (0, 0)
     metrics = httpx.get(f'http://127.0.0.1:{http.port}/metrics').text
     assert 'glmjax:request_queue_time_seconds_count' in metrics
+
+
+def test_a_seed_means_the_same_in_generate_and_the_server(served):
+    """One sampler: the server with a seed samples what `generate` samples with it."""
+    for i, p in enumerate(prompts(3, seed=31)):
+        settings = dict(temperature=1.0, top_k=50, min_p=0.01)
+        ids, _, _ = run(served.stub, request(p, 12, ignore_eos=True,
+                                             sampling=dict(**settings, seed=100 + i)))
+        assert ids == generate(served.cfg, served.params, [p], 12, seed=100 + i,
+                               stop_ids=(), **settings)[0]
+        other = generate(served.cfg, served.params, [p], 12, seed=200 + i, stop_ids=(),
+                         **settings)[0]
+        assert ids != other  # the seed matters

@@ -11,8 +11,8 @@ import dataclasses
 import math
 import random
 
+from glmjax.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 from glmjax.serving.engine import MAX_STOP_IDS, SlotSettings
-from glmjax.serving.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 256
 MAX_N = 16  # choices per HTTP request, admitted all at once or not at all

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from glmjax.cache import KVCache, cache_shapes, init_cache
 from glmjax.config import GlmConfig
 from glmjax.inference import decode, prefill
-from glmjax.serving.sampling import SlotSampling, sample
+from glmjax.sampling import SamplingParams, sample
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import Rules, cache_shardings, get_rules
 
@@ -61,8 +61,8 @@ class SlotSettings:
         return cls(**{**raw, 'stop_ids': tuple(raw['stop_ids']),
                       'logit_bias': tuple((int(t), float(b)) for t, b in raw['logit_bias'])})
 
-    def sampling(self) -> SlotSampling:
-        return SlotSampling.make(
+    def sampling(self) -> SamplingParams:
+        return SamplingParams.make(
             1, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
             self.presence_penalty, self.frequency_penalty, self.seed, dict(self.logit_bias))
 
@@ -88,7 +88,7 @@ class DecodeState:
     stop_ids: jax.Array  # [B, MAX_STOP_IDS] i32, -1 unused
     counts: jax.Array  # [B, V] i32: how often each token was generated (penalties)
     prompt_mask: jax.Array  # [B, V] bool: tokens of the prompt (repetition penalty)
-    sampling: SlotSampling
+    sampling: SamplingParams
 
 
 @dataclasses.dataclass
@@ -181,7 +181,7 @@ class Layout:
         return DecodeState(cache=self.cache(batch, length), tokens=rep, done=rep,
                            generated=rep, max_new=rep, stop_ids=rep, counts=rep,
                            prompt_mask=rep, sampling=jax.tree.map(lambda _: rep,
-                                                                  SlotSampling.make(batch)))
+                                                                  SamplingParams.make(batch)))
 
 
 def _replicated(layout: Layout, tree):
@@ -196,7 +196,7 @@ def _place_state(layout: Layout, state: DecodeState) -> DecodeState:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _empty_state(layout: Layout, batch: int, max_len: int, vocab: int) -> DecodeState:
     B, V = batch, vocab
-    sampling = jax.tree.map(jnp.asarray, SlotSampling.make(B))
+    sampling = jax.tree.map(jnp.asarray, SamplingParams.make(B))
     return _place_state(layout, DecodeState(
         cache=init_cache(layout.cfg, B, max_len, layout.dtype),
         tokens=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool),
@@ -223,7 +223,7 @@ def _prefill_chunk(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Arr
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
 def _insert(layout: Layout, state: DecodeState, prefix_cache: KVCache, logits: jax.Array,
-            tokens: jax.Array, length: jax.Array, slot: jax.Array, row: SlotSampling,
+            tokens: jax.Array, length: jax.Array, slot: jax.Array, row: SamplingParams,
             max_new: jax.Array, stop_ids: jax.Array) -> tuple[DecodeState, StepOutput]:
     V = logits.shape[-1]
     at = lambda big, small: jax.lax.dynamic_update_slice(  # noqa: E731
