@@ -97,8 +97,8 @@ def main(argv):
         dec_times = []
         for _ in range(R):
             start = time.perf_counter()
-            out, _ = _decode_loop(cfg, params, state['first'], state['cache'],
-                                  jax.random.key(1), N - 1, sampling)
+            out, _ = _decode_loop(cfg, params, state['first'], state['cache'], N - 1,
+                                  sampling)
             out.block_until_ready()
             dec_times.append(time.perf_counter() - start)
             do_prefill()
