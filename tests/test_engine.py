@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmjax import generate, sharding
+from glmjax import generate, hidden_states, sharding
 from glmjax.demo import tiny_glm46
 from glmjax.model import init_params
 from glmjax.serving.engine import GlmEngine, SlotSettings
@@ -53,6 +53,19 @@ def test_chunked_prefill_on_a_mesh_equals_generate(model, mesh):
         shards = {s.data.shape for s in engine.state.cache.k[0].addressable_shards}
         assert shards == {sharding.cache_shardings(
             cfg, mesh, engine.state.cache).k[0].shard_shape(engine.state.cache.k[0].shape)}
+
+
+@pytest.mark.parametrize('mesh', [{'expert': 4, 'tensor': 2}, {'data': 2, 'expert': 4}])
+def test_embeddings_on_a_mesh_equal_one_device(model, mesh):
+    cfg, params = model
+    ps = prompts([3, 40, 17, 1, 9])
+    alone = GlmEngine(cfg, params, max_batch=2, max_seq_len=64).embed(ps)
+    h = [np.asarray(hidden_states(cfg, params, jnp.asarray([p])))[0].mean(0) for p in ps]
+    np.testing.assert_allclose(alone, [v / np.linalg.norm(v) for v in h], atol=1e-5)
+    mesh = sharding.make_mesh(mesh)
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    engine = GlmEngine(cfg, sharded, max_batch=2, max_seq_len=64, mesh=mesh)
+    np.testing.assert_allclose(engine.embed(ps), alone, atol=1e-5)
 
 
 def test_decode_reads_only_the_filled_part_of_the_cache(model, monkeypatch):

@@ -65,8 +65,9 @@ class Pair:
                    f'--coordinator_address=127.0.0.1:{coordinator}', '--num_processes=2',
                    f'--process_id={i}', f'--lockstep_port={lockstep}',
                    '--mesh=expert=4,tensor=2', '--grpc_host=127.0.0.1', '--grpc_port=0',
-                   '--http_port=-1', f'--max_batch={MAX_BATCH}', f'--max_seq_len={MAX_SEQ_LEN}',
-                   f'--decode_steps={STEPS}', '--max_queue=32', '--peer_timeout_s=20']
+                   '--http_host=127.0.0.1', '--http_port=0', f'--max_batch={MAX_BATCH}',
+                   f'--max_seq_len={MAX_SEQ_LEN}', f'--decode_steps={STEPS}', '--max_queue=32',
+                   '--peer_timeout_s=20']
             with open(self.logs[i], 'w') as log:
                 self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log,
                                                    stderr=subprocess.STDOUT))
@@ -79,6 +80,8 @@ class Pair:
             self.stop()
             raise
         self.stub = pb_grpc.GlmStub(self.channel)
+        self.http = 'http://127.0.0.1:' + re.search(r'HTTP API on http://[\d.]+:(\d+)',
+                                                    self.log(0)).group(1)
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text()
@@ -143,6 +146,20 @@ def test_two_processes_serve_like_one(pair, monkeypatch):
     info = wait_for(all_free, 30, 'all slots free')
     assert info.busy_slots == 0 and info.queued == 0
     assert 'process 1 follows process 0' in pair.log(1)
+
+
+def test_embeddings_across_two_processes_equal_one_device(pair, monkeypatch):
+    import httpx
+    import numpy as np
+    rng = random.Random(1)
+    inputs = [[rng.randrange(700) for _ in range(n)] for n in (3, 17, 40)]
+    r = httpx.post(pair.http + '/v1/embeddings', json={'input': inputs}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    together = np.array([d['embedding'] for d in r.json()['data']])
+    monkeypatch.setenv('GLMJAX_CACHE', os.path.dirname(pair.logs[0]) + '/cache')
+    cfg, params, _ = default_model.default_model()
+    alone = GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS).embed(inputs)
+    np.testing.assert_allclose(together, alone, atol=2e-5)
 
 
 def test_a_dead_follower_stops_both_processes(pair):

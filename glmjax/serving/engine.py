@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glmjax.cache import KVCache, cache_shapes, init_cache
 from glmjax.config import GlmConfig
-from glmjax.inference import decode, prefill
+from glmjax.generate import bucket
+from glmjax.inference import decode, hidden_states, prefill
 from glmjax.sampling import SamplingParams, sample
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import Rules, cache_shardings, get_rules
@@ -31,6 +32,7 @@ from glmjax.sharding.rules import Rules, cache_shardings, get_rules
 MAX_STOP_IDS = 16  # stop token ids per request, the model's eos ids included
 MIN_BUCKET = 16
 MIN_KV_BUCKET = 128  # decode attends over at least this many positions: fewer compiles
+EMBED_ROWS = 16  # prompts per embedding call; rows and lengths are padded to powers of two
 
 
 class EngineLost(Exception):
@@ -120,6 +122,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def free(self, slot: int) -> None: ...
+
+    @abc.abstractmethod
+    def embed(self, prompts: list[list[int]]) -> np.ndarray:
+        """[len(prompts), D] fp32: each prompt's final hidden states, mean-pooled and
+        L2-normalised. Blocks until the device is done (a host array)."""
 
     @abc.abstractmethod
     def reset(self) -> None:
@@ -268,6 +275,16 @@ def _generate(cfg: GlmConfig, layout: Layout, params: dict, state: DecodeState, 
     return _place_state(layout, state), _replicated(layout, outs.replace(done=state.done))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pooled(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Array,
+            mask: jax.Array) -> jax.Array:
+    # Causal attention: right padding never changes the real tokens' states.
+    h = hidden_states(cfg, params, tokens).astype(jnp.float32)
+    pooled = (h * mask).sum(1) / mask.sum(1)
+    pooled = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+    return jax.lax.with_sharding_constraint(pooled, layout.replicated)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
 def _free(layout: Layout, state: DecodeState, slot: jax.Array) -> DecodeState:
     # A free slot still runs through the batch: from length 0 it stays inside any kv_len.
@@ -377,6 +394,21 @@ class GlmEngine(Engine):
     def reset(self) -> None:
         self.state = self._new_state()
         self._bound[:] = 0
+
+    def embed(self, prompts: list[list[int]]) -> np.ndarray:
+        out = []
+        for start in range(0, len(prompts), EMBED_ROWS):
+            part = prompts[start:start + EMBED_ROWS]
+            B, T = bucket(len(part), 1), self.bucket(max(len(p) for p in part))
+            tokens = np.zeros((B, T), np.int32)
+            mask = np.zeros((B, T, 1), np.float32)
+            mask[len(part):, 0] = 1.0  # padding rows: one position, no division by zero
+            for i, p in enumerate(part):
+                tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
+            with jax.set_mesh(self.layout.mesh):
+                pooled = _pooled(self.cfg, self.layout, self.params, *self._put((tokens, mask)))
+            out.append(np.asarray(pooled.addressable_data(0))[:len(part)])
+        return np.concatenate(out)
 
     def warmup(self) -> None:
         for b in self.buckets:

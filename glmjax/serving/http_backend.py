@@ -2,16 +2,10 @@
 gRPC, seen as the async `Backend` that glmjax/serving/openai_api.py talks to."""
 
 import asyncio
-import functools
-import threading
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from glmjax.config import GlmConfig
-from glmjax.generate import bucket
-from glmjax.inference import hidden_states
 from glmjax.serving.chat import ChatTemplate
 from glmjax.serving.contract import GenRequest, Limits, slot_settings
 from glmjax.serving.openai_api import ApiError, GenEvent, TokenLogprob
@@ -23,18 +17,16 @@ RETRY_AFTER_S = 1  # what 429 and 503 tell clients to wait
 
 class EngineBackend:
     def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer, cfg: GlmConfig,
-                 params: dict, model_name: str, max_seq_len: int, chat_template: ChatTemplate,
+                 model_name: str, max_seq_len: int, chat_template: ChatTemplate,
                  ready=lambda: True, draining=lambda: False,
                  served_names: tuple[str, ...] = ()):
-        self.orchestrator, self.tokenizer, self.cfg, self.params = (
-            orchestrator, tokenizer, cfg, params)
+        self.orchestrator, self.tokenizer, self.cfg = orchestrator, tokenizer, cfg
         self.model_name, self.max_context, self.chat_template = (
             model_name, max_seq_len, chat_template)
         self.served_names = tuple(dict.fromkeys((model_name,) + tuple(served_names)))
         self.vocab_size = cfg.vocab_size
         self.eos_ids = tuple(cfg.eos_token_ids)
         self.ready, self.draining = ready, draining
-        self._embed_lock = threading.Lock()
 
     @property
     def limits(self) -> Limits:
@@ -64,20 +56,18 @@ class EngineBackend:
         return events
 
     async def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        return await asyncio.to_thread(self._embed, prompts)
-
-    def _embed(self, prompts: list[list[int]]) -> np.ndarray:
-        """Mean of the final hidden states over each prompt's tokens, L2-normalised. Batch and
-        length are padded to powers of two, so a few programs serve every call."""
-        T, B = bucket(max(len(p) for p in prompts)), bucket(len(prompts))
-        tokens = np.zeros((B, T), np.int32)
-        mask = np.zeros((B, T, 1), np.float32)
-        mask[len(prompts):, 0] = 1.0  # padding rows: one position, never a division by zero
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
-        with self._embed_lock:  # one embedding batch at a time beside the engine
-            h = _pooled(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(mask))
-        return np.asarray(h)[:len(prompts)]
+        """On the engine thread, between decode steps: on the mesh and in lockstep."""
+        try:
+            future = self.orchestrator.embed(prompts)
+        except Draining as e:
+            raise ApiError(503, str(e), kind='unavailable', retry_after=RETRY_AFTER_S) from None
+        try:
+            return await asyncio.wrap_future(future)
+        except Draining as e:
+            raise ApiError(503, str(e), kind='unavailable', retry_after=RETRY_AFTER_S) from None
+        except asyncio.CancelledError:
+            future.cancel()  # the client left: skip it if it has not started
+            raise
 
     def stats(self) -> dict[str, float]:
         s = self.orchestrator.stats()
@@ -131,11 +121,3 @@ class _Events:
     async def aclose(self):
         self.done = True
         self.req.cancel()
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _pooled(cfg, params, tokens, mask):
-    # Causal attention: right padding never changes the real tokens' states.
-    h = hidden_states(cfg, params, tokens).astype(jnp.float32)
-    pooled = (h * mask).sum(1) / mask.sum(1)
-    return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)

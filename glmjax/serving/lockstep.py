@@ -204,6 +204,10 @@ class LeaderEngine(Engine):
     def reset(self) -> None:
         self._call({'op': 'reset'}, self.engine.reset)
 
+    def embed(self, prompts: list[list[int]]):
+        return self._call({'op': 'embed', 'prompts': prompts},
+                          lambda: self.engine.embed(prompts))
+
     def warmup(self) -> None:
         self._call({'op': 'warmup'}, self.engine.warmup)
 
@@ -285,6 +289,8 @@ def follow(engine: GlmEngine, process: int, address: tuple[str, int], timeout: f
             engine.free(message['slot'])
         elif op == 'reset':
             engine.reset()
+        elif op == 'embed':
+            engine.embed(message['prompts'])
         elif op == 'warmup':
             engine.warmup()
         else:

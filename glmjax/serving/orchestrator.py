@@ -30,6 +30,7 @@ cancelled request carries the cause, so each API can answer with the status it d
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -144,6 +145,9 @@ class Orchestrator:
         self.engine, self.max_queue = engine, max_queue
         self._slots: list[Request | None] = [None] * engine.max_batch
         self._pending: collections.deque[Request] = collections.deque()
+        # Embedding calls, run by the engine thread between steps (on the mesh, and in
+        # lockstep on several processes, like every other engine call).
+        self._embeds: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._detok_queue: queue.Queue = queue.Queue()
         self._closing = self._draining = False
@@ -196,6 +200,24 @@ class Orchestrator:
             self._pending = live
             self._cond.notify_all()
 
+    def embed(self, prompts: list[list[int]]) -> concurrent.futures.Future:
+        """Queues an embedding call; the future holds its [len(prompts), D] array."""
+        future = concurrent.futures.Future()
+        with self._cond:
+            if self._lost is not None:
+                raise Draining(f'the server cannot serve: {self._lost}')
+            if self._draining or self._closing:
+                raise Draining('the server is shutting down and accepts no new requests')
+            self._embeds.append((prompts, future))
+            self._cond.notify_all()
+        return future
+
+    def _fail_embeds(self, message: str) -> None:
+        while self._embeds:
+            _, future = self._embeds.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Draining(message))
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             busy = sum(s is not None for s in self._slots)
@@ -221,6 +243,7 @@ class Orchestrator:
                 req.finish('unavailable', message)
             self._pending.clear()
             self._slots = [None] * len(self._slots)
+            self._fail_embeds(f'the server cannot serve: {message}')
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -229,13 +252,14 @@ class Orchestrator:
             self._closing = True
             for req in list(self._pending) + [s for s in self._slots if s is not None]:
                 req.cancel('shutdown')
+            self._fail_embeds('the server shut down before the request finished')
             self._cond.notify_all()
         for t in self._threads:
             if t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=30)
 
     def _idle(self) -> bool:
-        return not self._pending and all(s is None for s in self._slots)
+        return not self._pending and not self._embeds and all(s is None for s in self._slots)
 
     # ---- the engine thread ----
 
@@ -269,6 +293,7 @@ class Orchestrator:
     def _step(self) -> list[tuple[StepOutput, list[Request | None]]]:
         with self._cond:
             self._prune_pending()
+        self._run_embeds()
         self._release()
         current = self._admit()
         with self._cond:
@@ -276,6 +301,22 @@ class Orchestrator:
         if any(r is not None for r in snapshot):
             current.append((self.engine.generate(), snapshot))
         return current
+
+    def _run_embeds(self) -> None:
+        while True:
+            with self._cond:
+                if not self._embeds:
+                    return
+                prompts, future = self._embeds.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # the client left
+            try:
+                future.set_result(self.engine.embed(prompts))
+            except Exception as e:
+                future.set_exception(e)
+                if isinstance(e, EngineLost) or self.engine.lost() is not None:
+                    raise
+                log.exception('embedding call failed')
 
     def _release(self) -> None:
         """Frees the slots of requests that are over, for whatever reason."""

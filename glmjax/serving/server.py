@@ -124,14 +124,14 @@ def chat_template(model_dir: str | None) -> ChatTemplate:
         return ChatTemplate(f.read())
 
 
-def start_http(server: GlmServer, params, api_key: str | None, model_dir: str | None,
+def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,
                host: str, port: int, served_names: tuple[str, ...] = (),
                tls_files: tuple[str, str] | None = None):
     """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots.
     `tls_files`: (certificate chain, private key) PEM paths, the same as gRPC's."""
     from glmjax.serving.http_backend import EngineBackend
     from glmjax.serving.http_server import HttpServer
-    backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg, params,
+    backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg,
                             server.model_name, server.engine.max_seq_len,
                             chat_template(model_dir),
                             ready=lambda: server.ready and not server.stopping,
@@ -216,7 +216,7 @@ def main(argv):
     http = None
     if _HTTP_PORT.value >= 0:
         tls_files = (_TLS_CERT.value, _TLS_KEY.value) if _TLS_CERT.value else None
-        http = start_http(server, params, api_key, _CHECKPOINT.value or _HF_DIR.value,
+        http = start_http(server, api_key, _CHECKPOINT.value or _HF_DIR.value,
                           _HTTP_HOST.value, _HTTP_PORT.value, tuple(_SERVED_NAMES.value),
                           tls_files)
         scheme = 'https' if tls_files else 'http'
