@@ -96,3 +96,124 @@ class RerankRequest(_Body):
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
     rank_fields: list[str] | None = None
+
+
+# ---- response bodies (what /openapi.json promises; the fuzz run checks them) -------------
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    error: ErrorDetail
+
+
+class Health(_Out):
+    status: Literal['ok']
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal['model']
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(_Out):
+    object: Literal['list']
+    data: list[ModelCard]
+
+
+class FunctionCall(_Out):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal['function']
+    index: int
+    function: FunctionCall
+
+
+class AssistantMessage(_Out):
+    role: Literal['assistant']
+    content: str | None
+    reasoning: str | None
+    reasoning_content: str | None  # the same text, under the name vLLM and SGLang use
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal['stop', 'length', 'tool_calls'] | None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal['chat.completion']
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    prompt: list[Any]  # Together's field: empty (the prompt is not echoed)
+    usage: Usage
+
+
+class TextChoice(_Out):
+    index: int
+    text: str
+    finish_reason: Literal['stop', 'length'] | None
+    logprobs: dict[str, Any] | None
+
+
+class TextCompletion(_Out):
+    id: str
+    object: Literal['text_completion']
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class Embedding(_Out):
+    object: Literal['embedding']
+    embedding: list[float] | str  # str: base64 of little-endian float32
+    index: int
+
+
+class EmbeddingList(_Out):
+    object: Literal['list']
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class RerankResult(_Out):
+    index: int
+    relevance_score: float
+    document: dict[str, str]
+
+
+class RerankResponse(_Out):
+    id: str
+    object: Literal['rerank']
+    model: str
+    results: list[RerankResult]
+    usage: Usage

@@ -44,9 +44,19 @@ from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
 from glmjax.generate import bucket
 from glmjax.paged_inference import KVPages, init_pages, paged_forward
-from glmjax.sampling import SamplingParams
-from glmjax.serving.engine import (EMBED_ROWS, MAX_STOP_IDS, Engine, Layout, Prefix,
-                                   SlotSettings, StepOutput, _choose, _pooled, buckets)
+from glmjax.sampling import TOP_LOGPROBS, SamplingParams
+from glmjax.serving.engine import (
+    EMBED_ROWS,
+    MAX_STOP_IDS,
+    Engine,
+    Layout,
+    Prefix,
+    SlotSettings,
+    StepOutput,
+    _choose,
+    _pooled,
+    buckets,
+)
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import get_rules
@@ -243,14 +253,17 @@ class PagedEngine(Engine):
         if cached is None:
             raise OutOfPages(self._short(pages_for(n, self.page_size), f'a prompt of {n} tokens'))
         table = self.manager.page_table_array([seq], 1)
-        logits = None
-        for start in range(cached, n, self.prefill_chunk):
-            length = min(self.prefill_chunk, n - start)
-            chunk = np.zeros(_smallest(self.chunk_buckets, length), np.int32)
-            chunk[:length] = tokens[start:start + length]
-            logits, self.pages = _prefill_chunk(self.cfg, self.attn_impl, self.params,
-                                                self.pages, chunk, np.int32(start),
-                                                np.int32(length), table)
+        try:
+            for start in range(cached, n, self.prefill_chunk):
+                length = min(self.prefill_chunk, n - start)
+                chunk = np.zeros(_smallest(self.chunk_buckets, length), np.int32)
+                chunk[:length] = tokens[start:start + length]
+                logits, self.pages = _prefill_chunk(self.cfg, self.attn_impl, self.params,
+                                                    self.pages, chunk, np.int32(start),
+                                                    np.int32(length), table)
+        except Exception:
+            self.manager.finish(seq)
+            raise
         # The pages' K/V is written by calls already queued before any reader's.
         self.manager.commit(seq, tokens)
         padded = np.zeros((1, b), np.int32)
@@ -306,7 +319,7 @@ class PagedEngine(Engine):
 
     def _idle_output(self) -> StepOutput:
         B, S = self.max_batch, self.steps_per_call
-        top = min(20, self.vocab_size)
+        top = min(TOP_LOGPROBS, self.vocab_size)
         return StepOutput(tokens=np.zeros((B, S), np.int32), valid=np.zeros((B, S), bool),
                           logprobs=np.zeros((B, S), np.float32),
                           top_ids=np.zeros((B, S, top), np.int32),

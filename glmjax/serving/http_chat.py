@@ -1,0 +1,265 @@
+"""POST /v1/chat/completions: messages rendered with the checkpoint's chat template, generated,
+and parsed into reasoning, content and tool calls (glmjax/serving/glm_parser.py)."""
+
+import asyncio
+import json
+import time
+import uuid
+
+from glmjax.serving import openai_types as T
+from glmjax.serving.chat import ChatError
+from glmjax.serving.glm_parser import GlmOutputParser
+from glmjax.serving.http_common import (
+    MAX_TOOLS,
+    MAX_TOOLS_CHARS,
+    MEDIA_PARTS,
+    ApiError,
+    Backend,
+    TokenLogprob,
+    check_unsupported,
+    close_all,
+    gen_requests,
+    no_surrogates,
+    not_yet,
+    sse,
+    usage,
+)
+from glmjax.serving.metrics import Metrics
+
+ROLES = ('system', 'developer', 'user', 'assistant', 'tool')
+
+
+RESERVED_TEMPLATE_ARGS = ('messages', 'tools', 'add_generation_prompt')
+
+
+def _check_messages(messages: list[dict]) -> list[dict]:
+    """Checks each message; returns them with OpenAI's `developer` role read as `system`."""
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get('role')
+        if not isinstance(role, str) or role not in ROLES:
+            raise ApiError(400, f'messages[{i}].role must be one of {", ".join(ROLES)}, got '
+                           f'{role!r}', f'messages[{i}].role')
+        content = m.get('content')
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get('type') if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind in MEDIA_PARTS:
+                    raise ApiError(400, f'messages[{i}].content[{j}]: {MEDIA_PARTS[kind]} input '
+                                   'is not supported: GLM-4.6 is a text-only model',
+                                   f'messages[{i}].content[{j}]', 'unsupported_modality')
+                if kind != 'text' or not isinstance(part.get('text'), str):
+                    raise ApiError(400, f'messages[{i}].content[{j}] must be a text part '
+                                   '({"type": "text", "text": "..."})',
+                                   f'messages[{i}].content[{j}]')
+        elif content is not None and not isinstance(content, str):
+            raise ApiError(400, f'messages[{i}].content must be a string or a list of parts',
+                           f'messages[{i}].content')
+        if role in ('user', 'system', 'developer') and not content:
+            raise ApiError(400, f'messages[{i}] ({role}) has no content',
+                           f'messages[{i}].content')
+        if role == 'tool' and not isinstance(m.get('tool_call_id'), str):
+            raise ApiError(400, f'messages[{i}] (tool) needs a tool_call_id',
+                           f'messages[{i}].tool_call_id')
+        for key in ('reasoning', 'reasoning_content', 'name'):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ApiError(400, f'messages[{i}].{key} must be a string',
+                               f'messages[{i}].{key}')
+        _check_tool_calls(m.get('tool_calls'), f'messages[{i}].tool_calls')
+        out.append({**m, 'role': 'system'} if role == 'developer' else m)
+    return out
+
+
+def _check_tool_calls(calls, where: str):
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise ApiError(400, f'{where} must be a list', where)
+    for j, call in enumerate(calls):
+        fn = call.get('function') if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get('name'), str):
+            raise ApiError(400, f'{where}[{j}] must have a function with a name',
+                           f'{where}[{j}]')
+        if not isinstance(fn.get('arguments', '{}'), (str, dict)):
+            raise ApiError(400, f'{where}[{j}].function.arguments must be a JSON string',
+                           f'{where}[{j}]')
+
+
+def _tools_for(body: T.ChatRequest) -> list[dict] | None:
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+    if tools and len(tools) > MAX_TOOLS:
+        raise ApiError(400, f'at most {MAX_TOOLS} tools, got {len(tools)}', 'tools')
+    if tools and len(json.dumps(tools, ensure_ascii=False)) > MAX_TOOLS_CHARS:
+        raise ApiError(400, f'the tools take more than {MAX_TOOLS_CHARS} characters as JSON',
+                       'tools')
+    choice = body.tool_choice
+    if choice == 'none':
+        return None
+    if isinstance(choice, dict):
+        fn = choice.get('function')
+        if choice.get('type', 'function') != 'function' or not isinstance(fn, dict) \
+                or not isinstance(fn.get('name'), str):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or '
+                           '{"type": "function", "function": {"name": ...}}', 'tool_choice')
+        if not any((t.get('function') or {}).get('name') == fn['name'] for t in tools or []):
+            raise ApiError(400, f'tool_choice names function {fn["name"]!r}, which is not in '
+                           'tools', 'tool_choice')
+        raise not_yet('tool_choice', 'forcing a named function')
+    if choice == 'required':
+        if not tools:
+            raise ApiError(400, 'tool_choice is required but no tools were given',
+                           'tool_choice')
+        raise not_yet('tool_choice', '"required" (forcing a tool call)')
+    return tools
+
+
+def _template_kwargs(body: T.ChatRequest) -> dict:
+    kwargs = dict(body.chat_template_kwargs or {})
+    for name in RESERVED_TEMPLATE_ARGS:
+        if name in kwargs:
+            raise ApiError(400, f'chat_template_kwargs.{name} is set by the server and cannot '
+                           'be passed', f'chat_template_kwargs.{name}')
+    if body.reasoning is not None:
+        kwargs['enable_thinking'] = body.reasoning.enabled
+    return kwargs
+
+
+def _logprob_count(body: T.ChatRequest) -> tuple[int | None, str | None]:
+    """(alternatives per token, response style) from OpenAI's bool or Together's int."""
+    if body.logprobs is True:
+        return body.top_logprobs or 0, 'openai'
+    if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool) \
+            and body.logprobs > 0:
+        return body.logprobs, 'together'
+    return None, None
+
+
+def _render_and_encode(backend: Backend, messages, tools, kwargs) -> list[int]:
+    try:
+        text = backend.chat_template.render(messages, tools=tools, **kwargs)
+    except ChatError as e:
+        raise ApiError(400, str(e), 'messages') from None
+    return backend.encode(text)
+
+
+async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
+    no_surrogates(body.model_dump(exclude_unset=True), '')
+    check_unsupported(body)
+    messages = _check_messages(body.messages)
+    tools = _tools_for(body)
+    kwargs = _template_kwargs(body)
+    # Rendering and tokenizing a long prompt takes a while: not on the event loop.
+    prompt = await asyncio.to_thread(_render_and_encode, backend, messages, tools, kwargs)
+    n_logprobs, style = _logprob_count(body)
+    requests = gen_requests(backend, body, prompt, body.max_completion_tokens or
+                             body.max_tokens, n_logprobs, 'messages')
+    rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
+    handles = backend.generate_all(requests)
+    streams = [metrics.track(h, len(prompt)) for h in handles]
+    if body.stream:
+        return sse(_chat_chunks(backend, body, streams, tools, rid, created, len(prompt)),
+                    handles)
+    try:
+        choices = await asyncio.gather(*[_chat_choice(backend, i, s, tools, style)
+                                         for i, s in enumerate(streams)])
+    finally:  # an error in one choice, or the client gone: the others end too
+        await close_all(handles)
+    completion = sum(c.pop('_tokens') for c in choices)
+    return {'id': rid, 'object': 'chat.completion', 'created': created,
+            'model': backend.model_name, 'choices': choices, 'prompt': [],
+            'usage': usage(len(prompt), completion)}
+
+
+async def _chat_choice(backend, index, stream, tools, style) -> dict:
+    parser = GlmOutputParser(tools)
+    n, finish, logprobs = 0, None, []
+    async for event in stream:
+        parser.feed(event.text)
+        n += len(event.token_ids)
+        logprobs += event.logprobs or []
+        finish = event.finish_reason or finish
+    parser.finish()
+    parsed = parser.result()
+    message = {'role': 'assistant', 'content': parsed.content or None,
+               'reasoning': parsed.reasoning or None,
+               'reasoning_content': parsed.reasoning or None}
+    if parsed.tool_calls:
+        message['tool_calls'] = [
+            {'id': c.id, 'type': 'function', 'index': i,
+             'function': {'name': c.name, 'arguments': c.arguments}}
+            for i, c in enumerate(parsed.tool_calls)]
+        if finish == 'stop':
+            finish = 'tool_calls'
+    choice = {'index': index, 'message': message, 'finish_reason': finish, '_tokens': n}
+    if style:
+        choice['logprobs'] = _format_logprobs(backend, logprobs, style)
+    return choice
+
+
+def _format_logprobs(backend, logprobs: list[TokenLogprob], style: str) -> dict:
+    def entry(token_id, lp):
+        text = backend.decode([token_id])
+        return {'token': text, 'logprob': lp, 'bytes': list(text.encode())}
+    if style == 'together':
+        return {'token_ids': [t.token_id for t in logprobs],
+                'tokens': [backend.decode([t.token_id]) for t in logprobs],
+                'token_logprobs': [t.logprob for t in logprobs]}
+    return {'content': [{**entry(t.token_id, t.logprob),
+                         'top_logprobs': [entry(i, lp) for i, lp in t.top]}
+                        for t in logprobs]}
+
+
+async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt):
+    def chunk(index, delta=None, finish=None, usage=None, logprobs=None):
+        choices = [] if index is None else [{
+            'index': index, 'delta': {'role': 'assistant', **(delta or {})},
+            'finish_reason': finish, **({'logprobs': logprobs} if logprobs else {})}]
+        out = {'id': rid, 'object': 'chat.completion.chunk', 'created': created,
+               'model': backend.model_name, 'choices': choices}
+        if usage:
+            out['usage'] = usage
+        return out
+
+    total = 0
+    for index, stream in enumerate(streams):
+        parser = GlmOutputParser(tools)
+        yield chunk(index, {'content': ''})
+        finish, any_call = None, False
+        async for event in stream:
+            total += len(event.token_ids)
+            finish = event.finish_reason or finish
+            delta = parser.feed(event.text)
+            if event.finish_reason:
+                last = parser.finish()
+                delta.reasoning += last.reasoning
+                delta.content += last.content
+                delta.tool_calls += last.tool_calls
+            any_call |= bool(delta.tool_calls)
+            payload = _chat_delta(delta)
+            lp = (_format_logprobs(backend, event.logprobs, 'openai')
+                  if event.logprobs else None)
+            if payload or lp:
+                yield chunk(index, payload, logprobs=lp)
+        if any_call and finish == 'stop':
+            finish = 'tool_calls'
+        yield chunk(index, {}, finish)
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk(None, usage=usage(n_prompt, total))
+
+
+def _chat_delta(delta) -> dict:
+    out = {}
+    if delta.reasoning:
+        out['reasoning'] = out['reasoning_content'] = delta.reasoning
+    if delta.content:
+        out['content'] = delta.content
+    if delta.tool_calls:
+        calls = []
+        for c in delta.tool_calls:
+            call = {'index': c.index, 'function': {'arguments': c.arguments}}
+            if c.id is not None:
+                call.update(id=c.id, type='function')
+                call['function']['name'] = c.name
+            calls.append(call)
+        out['tool_calls'] = calls
+    return out

@@ -1,0 +1,216 @@
+"""What the HTTP endpoints share: the `Backend` they talk to, its events, OpenAI-style
+errors, and turning a request's sampling fields into the one request type of both APIs
+(glmjax/serving/contract.py)."""
+
+import dataclasses
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import numpy as np
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from glmjax.serving import contract
+from glmjax.serving import openai_types as T
+from glmjax.serving.chat import ChatTemplate
+from glmjax.serving.contract import GenRequest, InvalidRequest, Limits
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class GenEvent:
+    token_ids: list[int]
+    text: str  # decoded delta, stop strings already cut
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # 'stop' | 'length' on the last event
+    queue_time: float | None = None  # seconds waited for a slot, on the first event
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = 'invalid_request_error',
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+        self.retry_after = retry_after
+
+    @classmethod
+    def invalid(cls, e: InvalidRequest) -> 'ApiError':
+        return cls(400, str(e), e.field)
+
+    def response(self) -> JSONResponse:
+        headers = {} if self.retry_after is None else {'Retry-After': str(self.retry_after)}
+        return JSONResponse(error_body(self), status_code=self.status, headers=headers)
+
+
+class Backend(Protocol):
+    """What the HTTP front needs of the engine (glmjax/serving/http_backend.py adapts it)."""
+    model_name: str
+    served_names: tuple[str, ...]  # what `model` may say (model_name among them)
+    max_context: int
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+    chat_template: ChatTemplate
+
+    def ready(self) -> bool: ...
+    def draining(self) -> bool: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def generate_all(self, requests: list[GenRequest]) -> list[AsyncIterator[GenEvent]]:
+        """Admits every request or none (ApiError 429/503), at once."""
+    async def embed(self, prompts: list[list[int]]) -> np.ndarray: ...
+    def stats(self) -> dict[str, float]: ...
+
+
+MEDIA_PARTS = {'image_url': 'image', 'input_image': 'image', 'image': 'image',
+               'input_audio': 'audio', 'audio_url': 'audio', 'video_url': 'video',
+               'video': 'video', 'file': 'file'}
+
+
+MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings call (documents per /v1/rerank)
+
+
+MAX_TOOLS = 128
+
+
+MAX_TOOLS_CHARS = 256 << 10  # the tools list as JSON
+
+
+def error_body(e: ApiError) -> dict:
+    return {'error': {'message': e.message, 'type': e.kind, 'param': e.param, 'code': e.code}}
+
+
+async def close_all(streams) -> None:
+    for s in streams:
+        if hasattr(s, 'aclose'):
+            await s.aclose()
+
+
+def limits(backend: Backend) -> Limits:
+    return Limits(backend.vocab_size, backend.max_context, tuple(backend.eos_ids))
+
+
+def no_surrogates(value, where: str) -> None:
+    """Strings with lone surrogates cannot be encoded as UTF-8 (nor tokenized)."""
+    if isinstance(value, str):
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f'{where} is not valid Unicode: a lone surrogate at '
+                           f'character {e.start}', where) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            no_surrogates(k, where)
+            no_surrogates(v, f'{where}.{k}' if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            no_surrogates(v, f'{where}[{i}]')
+
+
+def not_yet(field: str, what: str) -> ApiError:
+    return ApiError(400, f'{field}: {what} is not supported by this server yet; the request '
+                    'is refused rather than answered without it', field, 'unsupported_field')
+
+
+def check_unsupported(body: T.Sampling) -> None:
+    """Fields the server cannot honour yet are errors, never silently ignored."""
+    fmt = body.response_format
+    if fmt is not None and fmt.get('type') != 'text':
+        raise not_yet('response_format', 'structured output (json_object, json_schema)')
+    if body.safety_model is not None:
+        raise not_yet('safety_model', 'moderation by a safety model')
+    for field in ('structured_outputs', 'guided_json', 'guided_regex', 'guided_choice',
+                  'guided_grammar'):
+        if getattr(body, field) is not None:
+            raise not_yet(field, 'constrained decoding')
+    reasoning = getattr(body, 'reasoning', None)
+    if reasoning is not None and reasoning.max_tokens is not None:
+        raise not_yet('reasoning.max_tokens', 'a reasoning budget')
+
+
+LOGIT_BIAS_KEY = re.compile(r'-?[0-9]{1,12}')
+
+
+def gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_tokens,
+                  logprobs: int | None, param: str) -> list[GenRequest]:
+    if len(prompt) >= backend.max_context:
+        raise ApiError(400, f'the prompt is {len(prompt)} tokens; the context is '
+                       f'{backend.max_context}', param, 'context_length_exceeded')
+    room = backend.max_context - len(prompt)
+    if isinstance(max_tokens, int) and max_tokens > room:
+        raise ApiError(400, f'the prompt is {len(prompt)} tokens and max_tokens is '
+                       f'{max_tokens}: more than the context of {backend.max_context}',
+                       'max_tokens', 'context_length_exceeded')
+    bias = {}
+    for k, v in (body.logit_bias or {}).items():
+        if not LOGIT_BIAS_KEY.fullmatch(k):
+            raise ApiError(400, f'logit_bias key {k!r} is not a token id', 'logit_bias')
+        bias[int(k)] = v
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    base = GenRequest(
+        prompt_ids=prompt, max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
+        min_p=0.0 if body.min_p is None else body.min_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias, stop=stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
+    try:
+        contract.check(base, limits(backend))
+        if body.seed is not None:
+            contract.check(dataclasses.replace(base, seed=body.seed + body.n - 1),
+                           limits(backend))
+    except InvalidRequest as e:
+        raise ApiError.invalid(e) from None
+    return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + i)
+            for i in range(body.n)]
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {'prompt_tokens': prompt, 'completion_tokens': completion,
+            'total_tokens': prompt + completion}
+
+
+def sse(chunks, handles) -> StreamingResponse:
+    """Server-sent events; when the client leaves (Starlette then cancels this body) or the
+    stream fails, every choice's engine request ends, not only the one being streamed."""
+    async def body():
+        try:
+            async for c in chunks:
+                yield f'data: {json.dumps(c, ensure_ascii=False)}\n\n'
+        except ApiError as e:  # after the headers: the error travels as an event
+            yield f'data: {json.dumps(error_body(e))}\n\n'
+        finally:
+            await close_all(handles)
+        yield 'data: [DONE]\n\n'
+    return StreamingResponse(body(), media_type='text/event-stream')
+
+
+def prompts_of(backend: Backend, prompt, param: str) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, f'{param} is empty', param)
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    out = []
+    for i, p in enumerate(prompt):
+        ids = backend.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise ApiError(400, f'{param}[{i}] is empty', param)
+        bad = [t for t in ids if not 0 <= t < backend.vocab_size]
+        if bad:
+            raise ApiError(400, f'{param}[{i}] has token id {bad[0]}, outside the vocabulary '
+                           f'of {backend.vocab_size}', param)
+        out.append(ids)
+    return out
