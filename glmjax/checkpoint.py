@@ -103,7 +103,8 @@ def _check_manifest(path: str, manifest: dict, abstract: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike, *, dtype=None,
                     mesh: jax.sharding.Mesh | None = None, rules=None,
-                    shardings: dict | None = None) -> tuple[GlmConfig, dict]:
+                    shardings: dict | None = None,
+                    progress=None) -> tuple[GlmConfig, dict]:
     """Restores a checkpoint written by glmjax-convert: returns (cfg, params).
 
     Each array is read straight into its target sharding (Orbax restore with
@@ -111,7 +112,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None,
     model. Placement as `load_hf`: `mesh` (with `rules`, a preset name or Rules) lays the
     weights out by `glmjax.sharding.param_shardings`; `shardings`, a tree like the params,
     places them explicitly; neither: the first device. `dtype`: cast on restore (the router
-    stays fp32); default the stored dtype.
+    stays fp32); default the stored dtype. `progress(done, total)` is called after each
+    restored item (the embeddings and each layer).
     """
     path = os.path.abspath(path)  # Orbax wants absolute paths
     manifest = read_manifest(path)
@@ -128,13 +130,15 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None,
                                                                  sharding=placed[p])
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     out = {}
-    for item, subs in by_item.items():
+    for i, (item, subs) in enumerate(by_item.items()):
         target = _unflatten(subs)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         restored = checkpointer.restore(
             os.path.join(path, PARAMS, item),
             args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
         out.update({param_path(item, sub): v for sub, v in _flatten(restored).items()})
+        if progress is not None:
+            progress(i + 1, len(by_item))
     return cfg, _unflatten(out)
 
 

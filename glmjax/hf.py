@@ -384,9 +384,8 @@ def checkpoint_has_mtp(cfg: GlmConfig, ckpt: SafetensorsDir) -> bool:
     prefix = f'model.layers.{cfg.num_hidden_layers}.'
     found = any(name.startswith(prefix) for name in ckpt.shapes)
     if not found:
-        log.warning('%s has no MTP layer (model.layers.%d.*): loading without it; '
-                    'speculative decoding with MTP is unavailable', ckpt.path,
-                    cfg.num_hidden_layers)
+        log.warning('%s has no MTP layer (model.layers.%d.*): loading the main model '
+                    'without it', ckpt.path, cfg.num_hidden_layers)
     return found
 
 

@@ -3,6 +3,7 @@ draining (stop admission, finish in-flight requests, exit 0)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,8 +62,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     cmd = [sys.executable, '-m', 'glmjax.serving.server', '--grpc_host=127.0.0.1', '--grpc_port=0',
            '--max_batch=2', '--max_seq_len=128', '--max_queue=4', '--decode_steps=1',
            '--drain_grace_s=60', f'--api_key={KEY}', f'--tls_cert={cert}', f'--tls_key={key}']
+    errors = open(tmp_path / 'stderr.log', 'w')
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=errors, text=True)
     try:
         port = read_port(proc, timeout=120)
         with open(cert, 'rb') as f:
@@ -99,7 +101,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         assert rest[-1].finish_reason == pb.LENGTH
         assert proc.wait(timeout=60) == 0
         channel.close()
+        # Start-up says what it does in one progress line, not in absl's INFO lines.
+        log = (tmp_path / 'stderr.log').read_text()
+        assert re.search(r'compiling \[#+\] (\d+)/\1 ', log), log[-2000:]
+        assert len([x for x in log.splitlines() if x.startswith('I1')]) == 0, log[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        errors.close()

@@ -133,8 +133,8 @@ class Engine(abc.ABC):
         """Empties every slot (after an error left the decode state unusable)."""
 
     @abc.abstractmethod
-    def warmup(self) -> None:
-        """Compiles every shape that serving will use."""
+    def warmup(self, progress=None) -> None:
+        """Compiles every shape that serving will use; `progress(done, total)` after each."""
 
     def lost(self) -> str | None:
         """Asked after a device call failed: why the engine can never go on (a process of
@@ -410,10 +410,16 @@ class GlmEngine(Engine):
             out.append(np.asarray(pooled.addressable_data(0))[:len(part)])
         return np.concatenate(out)
 
-    def warmup(self) -> None:
-        for b in self.buckets:
+    def warmup(self, progress=None) -> None:
+        total = len(self.buckets) + len(self.kv_buckets)
+        for i, b in enumerate(self.buckets):
             self.insert(self.prefill([0] * b), 0, SlotSettings(max_new=1))
-        for kv_len in self.kv_buckets:
+            jax.block_until_ready(self.state)
+            if progress is not None:
+                progress(i + 1, total)
+        for i, kv_len in enumerate(self.kv_buckets):
             self._decode(kv_len)
-        jax.block_until_ready(self.state)
+            jax.block_until_ready(self.state)
+            if progress is not None:
+                progress(len(self.buckets) + i + 1, total)
         self.reset()

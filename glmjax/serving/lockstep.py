@@ -208,8 +208,8 @@ class LeaderEngine(Engine):
         return self._call({'op': 'embed', 'prompts': prompts},
                           lambda: self.engine.embed(prompts))
 
-    def warmup(self) -> None:
-        self._call({'op': 'warmup'}, self.engine.warmup)
+    def warmup(self, progress=None) -> None:
+        self._call({'op': 'warmup'}, lambda: self.engine.warmup(progress))
 
 
 def _connect(address: tuple[str, int], timeout: float) -> socket.socket:

@@ -81,7 +81,8 @@ class SlotState:
 
 @dataclasses.dataclass
 class PagedPrefix(Prefix):
-    """A prefilled sequence: its K/V is already in the pool, under `seq_id`."""
+    """A prefilled sequence: its K/V is already in the pool, under `seq_id` (no `cache`);
+    `tokens` [1, max_seq_len] is the padded prompt, for insert's prompt mask."""
     seq_id: int = -1
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
@@ -208,7 +209,7 @@ class PagedEngine(Engine):
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
-        self.buckets = buckets(max_seq_len)  # padded prompt lengths (the prompt mask)
+        self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
         self.chunk_buckets = chunk_buckets(prefill_chunk)
         # Only for embed, which runs the model's contiguous forward.
@@ -247,11 +248,14 @@ class PagedEngine(Engine):
         raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={self.max_seq_len}')
 
     def prefill(self, tokens: list[int]) -> PagedPrefix:
-        n, b = len(tokens), self.bucket(len(tokens))
+        n = len(tokens)
+        if not 0 < n <= self.max_seq_len:
+            raise ValueError(f'a prompt of {n} tokens: need 1 to max_seq_len={self.max_seq_len}')
         seq = next(self._seq_ids)
         cached = self.manager.begin(seq, tokens)
         if cached is None:
-            raise OutOfPages(self._short(pages_for(n, self.page_size), f'a prompt of {n} tokens'))
+            need = pages_for(n - self.manager.cached_prefix(tokens), self.page_size)
+            raise OutOfPages(self._short(need, f'a prompt of {n} tokens'))
         table = self.manager.page_table_array([seq], 1)
         try:
             for start in range(cached, n, self.prefill_chunk):
@@ -266,15 +270,16 @@ class PagedEngine(Engine):
             raise
         # The pages' K/V is written by calls already queued before any reader's.
         self.manager.commit(seq, tokens)
-        padded = np.zeros((1, b), np.int32)
+        # For insert's prompt mask: padded to max_seq_len, one shape to compile.
+        padded = np.zeros((1, self.max_seq_len), np.int32)
         padded[0, :n] = tokens
         return PagedPrefix(cache=None, logits=logits, tokens=padded, length=n, seq_id=seq,
                            cached_tokens=cached)
 
     def insert(self, prefix: PagedPrefix, slot: int, settings: SlotSettings) -> StepOutput:
-        if self._slot_seq[slot] is not None:
-            raise ValueError(f'slot {slot} is in use; free it first')
         try:
+            if self._slot_seq[slot] is not None:
+                raise ValueError(f'slot {slot} is in use; free it first')
             if len(settings.stop_ids) > MAX_STOP_IDS:
                 raise ValueError(f'at most {MAX_STOP_IDS} stop ids, '
                                  f'got {len(settings.stop_ids)}')
@@ -327,7 +332,7 @@ class PagedEngine(Engine):
                           done=np.ones((B,), bool))
 
     def _short(self, need: int, what: str) -> str:
-        return (f'the KV page pool is exhausted: {what} needs {need} more pages of '
+        return (f'the KV page pool is exhausted: {what} needs {need} pages of '
                 f'{self.page_size} tokens, {self.manager.pool.num_free} of '
                 f'{self.manager.pool.allocatable} are free (preemption is not implemented '
                 f'yet: give more pages, kv_cache_bytes or a smaller max_batch)')
@@ -366,19 +371,26 @@ class PagedEngine(Engine):
             out.append(np.asarray(pooled)[:len(part)])
         return np.concatenate(out)
 
-    def warmup(self) -> None:
-        """Compiles every prefill chunk bucket, the insert and every row bucket."""
+    def warmup(self, progress=None) -> None:
+        """Compiles every prefill chunk bucket, the insert and every row bucket;
+        `progress(done, total)` after each."""
+        total = len(self.chunk_buckets) + len(self.row_buckets)
         for i, b in enumerate(self.chunk_buckets):
             # Distinct tokens per bucket: a prefix-cache hit would shorten the chunk.
             self.free_prefix(self.prefill([i % self.vocab_size] * min(b, self.max_seq_len)))
-        for rows in self.row_buckets:
+            jax.block_until_ready(self.pages)
+            if progress is not None:
+                progress(i + 1, total)
+        for i, rows in enumerate(self.row_buckets):
             for slot in range(rows):
                 self.insert(self.prefill([slot % self.vocab_size]), slot,
                             SlotSettings(max_new=1))
             self._decode(list(range(rows)), rows)
             for slot in range(rows):
                 self.free(slot)
-        jax.block_until_ready((self.pages, self.state))
+            jax.block_until_ready((self.pages, self.state))
+            if progress is not None:
+                progress(len(self.chunk_buckets) + i + 1, total)
         self.reset()
 
     def free_prefix(self, prefix: PagedPrefix) -> None:

@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from glmjax import compile_cache
 from glmjax.config import GlmConfig
+from glmjax.progress import Progress
 from glmjax.serving import lockstep
 from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatTemplate
 from glmjax.serving.engine import EngineLost, GlmEngine
@@ -96,7 +97,8 @@ def load_model(checkpoint: str | None = None, hf_dir: str | None = None,
         if checkpoint:
             from glmjax.checkpoint import load_checkpoint
             cfg, params = load_checkpoint(checkpoint, dtype=dtype or jnp.bfloat16, mesh=mesh,
-                                          rules=rules if mesh is not None else None)
+                                          rules=rules if mesh is not None else None,
+                                          progress=Progress('restoring weights', 1))
             return cfg, params, Tokenizer.from_dir(checkpoint), _name(checkpoint)
         if hf_dir:
             from glmjax.hf import load_hf
@@ -174,6 +176,10 @@ def _lockstep_address() -> tuple[str, int]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if not flags.FLAGS['verbosity'].present:
+        # Start-up shows a progress bar, not absl's INFO lines (one per restored layer and
+        # more): --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     try:
         multi = distributed.initialize_from_flags()  # before anything touches a device
     except distributed.DistributedError as e:
@@ -232,7 +238,7 @@ def main(argv):
         if leader is not None:
             leader.start(on_failure=fail)
         if not stop.is_set():
-            server.warmup()
+            server.warmup(Progress('compiling', 1))
             print(f'glmjax-serve: serving {name} on port {server.port}', flush=True)
     except EngineLost as e:
         fail(str(e))

@@ -224,8 +224,8 @@ class GlmServer:
         self.grpc.start()
         return self
 
-    def warmup(self) -> None:
-        self.engine.warmup()
+    def warmup(self, progress=None) -> None:
+        self.engine.warmup(progress)
         self.orchestrator.start()
         self.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
