@@ -1,0 +1,216 @@
+"""The paged engine: its forward equals the contiguous one, its tokens equal `generate` and
+GlmEngine's, prefix caching changes no output, every page comes back, and a step runs only
+the active rows.
+
+Every engine here has the same pool, page table and chunk shapes, so the compiled steps are
+shared across tests (the tiny model still takes seconds to compile each)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glmjax import generate
+from glmjax.cache import init_cache
+from glmjax.demo import tiny_glm46
+from glmjax.inference import prefill
+from glmjax.model import init_params
+from glmjax.paged_inference import init_pages, paged_forward
+from glmjax.serving.engine import GlmEngine, SlotSettings
+from glmjax.serving.kv_pages import OutOfPages
+from glmjax.serving.paged_engine import PagedEngine
+
+PAGE, CHUNK, MAX_SEQ, PAGES = 8, 12, 64, 48  # chunks of 12 are not aligned to pages of 8
+
+
+@pytest.fixture(scope='module')
+def model():
+    cfg = tiny_glm46()
+    return cfg, init_params(cfg, jnp.float32, seed=1)
+
+
+def engine(model, **kw) -> PagedEngine:
+    cfg, params = model
+    kw = dict(max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3, page_size=PAGE,
+              num_pages=PAGES, prefill_chunk=CHUNK) | kw
+    return PagedEngine(cfg, params, **kw)
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 1000, n).tolist() for n in lengths]
+
+
+def run(eng, ps, settings, prefixes=None):
+    """Every prompt in its own slot, all decoded together; returns the tokens per prompt."""
+    out = [[] for _ in ps]
+    for slot, p in enumerate(ps):
+        prefix = eng.prefill(p)
+        if prefixes is not None:
+            prefixes.append(prefix)
+        first = eng.insert(prefix, slot, settings[slot])
+        out[slot].append(int(np.asarray(first.tokens)[0, 0]))
+    while any(len(o) < s.max_new for o, s in zip(out, settings)):
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(ps)):
+            out[slot] += tokens[slot][valid[slot]].tolist()
+    return [o[:s.max_new] for o, s in zip(out, settings)]
+
+
+def greedy(n, max_new):
+    return [SlotSettings(max_new=max_new, temperature=0.0)] * n
+
+
+def test_paged_forward_equals_prefill_with_padding(model):
+    """A ragged batch of three whole prompts (crossing pages, one of a single token), padded
+    in tokens and rows with garbage: each row's last logits equal the contiguous prefill's
+    at 1e-4, and padding writes no page."""
+    cfg, params = model
+    ps = prompts([13, 1, 20], seed=3)
+    table = np.full((4, 4), 7, np.int32)  # padding row and unused entries: any page
+    for r, page in enumerate([[1, 2], [3], [4, 5, 6]]):
+        table[r, :len(page)] = page
+    T = 40
+    tokens = np.full(T, 999, np.int32)  # padding tokens: garbage ids and positions
+    positions = np.full(T, 50, np.int32)
+    cu = [0]
+    for p in ps:
+        tokens[cu[-1]:cu[-1] + len(p)] = p
+        positions[cu[-1]:cu[-1] + len(p)] = np.arange(len(p))
+        cu.append(cu[-1] + len(p))
+    args = (np.array([13, 1, 20, 9], np.int32), table, np.array(cu + [5], np.int32),
+            np.array([3], np.int32))
+    logits, pages = paged_forward(cfg, params, tokens, positions,
+                                  init_pages(cfg, 8, PAGE, jnp.float32), *args)
+    # The shapes `generate` compiles for 4 prompts of up to 64 tokens and 10 new ones.
+    batch = np.zeros((4, 64), np.int32)
+    for r, p in enumerate(ps):
+        batch[r, :len(p)] = p
+    want, _ = prefill(cfg, params, jnp.asarray(batch), jnp.asarray([13, 1, 20, 1]),
+                      init_cache(cfg, 4, 80, jnp.float32))
+    np.testing.assert_allclose(logits[:3], want[:3], atol=1e-4, rtol=0)
+    assert not np.asarray(pages.k[0][:, 7]).any()
+
+
+def test_greedy_equals_generate_and_one_row_runs_alone(model):
+    """Mixed lengths crossing page boundaries, chunked prefill not aligned to pages: the
+    same tokens as `generate`. As sequences leave, the step's rows shrink to the bucket of
+    those left: one sequence runs a 1-row step."""
+    cfg, params = model
+    ps = prompts([40, 7, 33, 16])
+    want = generate(cfg, params, ps, 10, stop_ids=())
+    eng = engine(model)
+    assert eng.row_buckets == (1, 2, 4)
+    assert run(eng, ps, greedy(4, 10)) == want
+    assert eng.last_rows == 4
+    rows = []
+    for slot in (0, 1, 2):
+        eng.free(slot)
+        eng.generate()
+        rows.append(eng.last_rows)
+    assert rows == [4, 2, 1]
+    eng.free(3)
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+
+
+def test_prefix_cache_shares_pages_and_changes_no_output(model):
+    """Prompts sharing a 21-token prefix: with the cache, later ones reuse its 2 full pages
+    (refcounts show the sharing) and compute only the rest; the tokens equal a run without
+    the cache and `generate`."""
+    cfg, params = model
+    shared = prompts([21], seed=5)[0]
+    ps = [shared + tail for tail in prompts([5, 14, 3, 19], seed=6)]
+    want = generate(cfg, params, ps, 10, stop_ids=())  # the shapes of the test above
+    off = engine(model, prefix_caching=False)
+    offs = []
+    assert run(off, ps, greedy(4, 10), offs) == want
+    assert [p.cached_tokens for p in offs] == [0, 0, 0, 0]
+    on = engine(model)
+    ons = []
+    assert run(on, ps, greedy(4, 10), ons) == want
+    assert [p.cached_tokens for p in ons] == [0, 16, 16, 16]
+    tables = [on.manager.page_table(p.seq_id) for p in ons]
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2] == tables[3][:2]
+    assert [on.manager.pool.refcount(p) for p in tables[0][:3]] == [4, 4, 1]
+    stats = on.manager.metrics()
+    assert stats['prefix_cache_hits'] == 48 and stats['prefix_cache_queries'] == sum(map(len, ps))
+    for slot in range(4):
+        on.free(slot)
+    # Full prompt pages stay cached (evictable, so counted free) for the next request.
+    assert on.manager.pool.num_free == on.manager.pool.allocatable
+    again = on.prefill(ps[1])
+    assert again.cached_tokens == 32
+    on.free_prefix(again)
+
+
+def test_every_page_returns_after_random_requests(model):
+    """Random requests with shared prefixes, frees at random times (some before they are
+    done, as cancellations): in the end every page is free, and the cached ones count."""
+    eng = engine(model)
+    rng = np.random.RandomState(7)
+    system = prompts([17], seed=8)[0]
+    pool = eng.manager.pool
+    for _ in range(10):
+        free = [s for s in range(4) if eng._slot_seq[s] is None]
+        for slot in free[:rng.randint(0, len(free) + 1)]:
+            tail = rng.randint(0, 1000, rng.randint(1, 20)).tolist()
+            p = (system + tail) if rng.rand() < 0.6 else tail
+            eng.insert(eng.prefill(p), slot, SlotSettings(max_new=int(rng.randint(1, 12))))
+        eng.generate()  # with no sequence left: an empty output, no device call
+        for slot in range(4):
+            if eng._slot_seq[slot] is not None and rng.rand() < 0.4:
+                eng.free(slot)
+        assert pool.num_used == sum(pool.refcount(p) > 0 for p in range(1, pool.num_pages))
+    for slot in range(4):
+        eng.free(slot)
+    assert pool.num_free == pool.allocatable
+    assert eng.manager.stats.prefix_cache_hits > 0 and pool.num_cached > 0
+
+
+def test_sampling_equals_glm_engine(model):
+    """Temperature, top_k/top_p, penalties, logit_bias and seeds: the same tokens as
+    GlmEngine for the same settings (one sampler, keys from seed and output index)."""
+    cfg, params = model
+    ps = prompts([9, 14, 3], seed=2)  # one prompt bucket of GlmEngine: fewer compiles
+    settings = [
+        SlotSettings(max_new=8, temperature=0.9, top_k=50, seed=11, repetition_penalty=1.3,
+                     logit_bias=((5, 4.0), (17, -100.0))),
+        SlotSettings(max_new=8, temperature=1.1, top_p=0.8, seed=12, presence_penalty=0.7,
+                     frequency_penalty=0.4),
+        SlotSettings(max_new=8, temperature=0.0, repetition_penalty=1.5,
+                     logit_bias=((3, 2.0),)),
+    ]
+    slot_engine = GlmEngine(cfg, params, max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3,
+                            prefill_chunk=16)
+    assert run(engine(model), ps, settings) == run(slot_engine, ps, settings)
+
+
+def test_a_pool_too_small_says_so(model):
+    """Until preemption: a prefill or a step that cannot get its pages fails with the
+    numbers, and changes nothing."""
+    eng = engine(model)  # 47 usable pages of 8 tokens
+    held = [eng.prefill(p) for p in prompts([60] * 5, seed=9)]  # 40 pages
+    with pytest.raises(OutOfPages, match='a prompt of 60 tokens needs 8 pages'):
+        eng.prefill(prompts([60], seed=10)[0])
+    eng.insert(eng.prefill(prompts([48], seed=11)[0]), 0, SlotSettings(max_new=16))  # 6
+    eng.generate()  # to 51 tokens: 7 pages
+    eng.generate()  # 54
+    with pytest.raises(OutOfPages, match='pool is exhausted: slot 0 growing to 57 tokens'):
+        eng.generate()
+    for prefix in held:
+        eng.free_prefix(prefix)
+    eng.generate()
+    eng.free(0)
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+
+
+def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
+    """Warm-up runs every chunk and row bucket (the ones above: nothing new to compile here)
+    and resets: every page free, nothing cached, no slot in use."""
+    eng = engine(model)
+    calls = []
+    eng.warmup(lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    pool = eng.manager.pool
+    assert pool.num_free == pool.allocatable and pool.num_cached == 0
+    assert eng._slot_seq == [None] * 4 and eng.last_rows == 4
