@@ -80,8 +80,8 @@ def check_prompt(ids: list[int], limits: Limits, tokens_field: str = 'prompt') -
         _check(isinstance(t, int) and 0 <= t < limits.vocab_size, f'{tokens_field}[{i}]',
                f'token id {t} is outside the vocabulary [0, {limits.vocab_size})')
     _check(len(ids) < limits.max_seq_len, 'prompt',
-           f'{len(ids)} tokens leave no room to generate within the context limit '
-           f'(max_seq_len) of {limits.max_seq_len} tokens')
+           f'{len(ids)} tokens leave no room to generate within the context limit of '
+           f'{limits.max_seq_len} tokens (--max_seq_len, or what the KV cache holds)')
 
 
 def check(r: GenRequest, limits: Limits, sampling_prefix: str = '',
@@ -93,7 +93,8 @@ def check(r: GenRequest, limits: Limits, sampling_prefix: str = '',
         _integer(r.max_tokens, 'max_tokens', 1, 2 ** 31 - 1)
         _check(r.max_tokens <= room, 'max_tokens',
                f'prompt of {len(r.prompt_ids)} tokens + max_tokens {r.max_tokens} exceeds the '
-               f'context limit (max_seq_len) of {limits.max_seq_len} tokens')
+               f'context limit of {limits.max_seq_len} tokens (--max_seq_len, or what the KV '
+               'cache holds)')
     s = sampling_prefix
     _number(r.temperature, f'{s}temperature', 0.0, MAX_TEMPERATURE)
     _number(r.top_p, f'{s}top_p', 0.0, 1.0, low_open=True)

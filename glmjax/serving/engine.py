@@ -100,6 +100,7 @@ class Prefix:
     logits: jax.Array  # [1, V]
     tokens: jax.Array  # [1, bucket] the padded prompt
     length: int
+    cached_tokens: int = 0  # prompt tokens taken from a prefix cache, not computed
 
 
 class Engine(abc.ABC):
@@ -141,6 +142,16 @@ class Engine(abc.ABC):
         the mesh is gone), or None when it can."""
         return None
 
+    @property
+    def capacity(self) -> int:
+        """The most tokens (prompt + output) one sequence can ever hold."""
+        return self.max_seq_len
+
+    def can_admit(self, prompt: list[int], max_new: int) -> bool:
+        """Whether a free slot can take this request now without running out of KV memory
+        later; when not, it waits in the queue (a slot engine's memory is its slots)."""
+        return True
+
 
 def buckets(max_seq_len: int) -> tuple[int, ...]:
     """Prompt lengths are padded to powers of two (and max_seq_len), compiled at warm-up."""
@@ -151,7 +162,7 @@ def buckets(max_seq_len: int) -> tuple[int, ...]:
     return (*sizes, max_seq_len)
 
 
-def _choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, active):
+def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, active):
     """Samples one token per row and advances the rows that are active."""
     tokens, logprobs, top_ids, top_lps = sample(logits, sampling, counts, prompt_mask,
                                                 generated)
@@ -240,7 +251,7 @@ def _insert(layout: Layout, state: DecodeState, prefix_cache: KVCache, logits: j
                     lengths=state.cache.lengths.at[slot].set(length))
     real = jnp.arange(tokens.shape[1]) < length
     mask = jnp.zeros((1, V), bool).at[0, jnp.where(real, tokens[0], V)].set(True, mode='drop')
-    out, counts, generated = _choose(logits, row, jnp.zeros((1, V), jnp.int32), mask,
+    out, counts, generated = choose(logits, row, jnp.zeros((1, V), jnp.int32), mask,
                                      jnp.zeros((1,), jnp.int32), max_new[None], stop_ids[None],
                                      jnp.ones((1,), bool))
     sampling = jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.sampling, row)
@@ -263,7 +274,7 @@ def _generate(cfg: GlmConfig, layout: Layout, params: dict, state: DecodeState, 
         logits, cache = decode(cfg, params, state.tokens, state.cache, kv_len=kv_len)
         # Done and free slots keep their length: nothing they compute is ever read.
         cache = cache.replace(lengths=jnp.where(active, cache.lengths, state.cache.lengths))
-        out, counts, generated = _choose(logits, state.sampling, state.counts,
+        out, counts, generated = choose(logits, state.sampling, state.counts,
                                          state.prompt_mask, state.generated, state.max_new,
                                          state.stop_ids, active)
         state = state.replace(cache=cache, tokens=jnp.where(active, out.tokens, state.tokens),
@@ -276,7 +287,7 @@ def _generate(cfg: GlmConfig, layout: Layout, params: dict, state: DecodeState, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _pooled(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Array,
+def pooled(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Array,
             mask: jax.Array) -> jax.Array:
     # Causal attention: right padding never changes the real tokens' states.
     h = hidden_states(cfg, params, tokens).astype(jnp.float32)
@@ -406,8 +417,8 @@ class GlmEngine(Engine):
             for i, p in enumerate(part):
                 tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
             with jax.set_mesh(self.layout.mesh):
-                pooled = _pooled(self.cfg, self.layout, self.params, *self._put((tokens, mask)))
-            out.append(np.asarray(pooled.addressable_data(0))[:len(part)])
+                vectors = pooled(self.cfg, self.layout, self.params, *self._put((tokens, mask)))
+            out.append(np.asarray(vectors.addressable_data(0))[:len(part)])
         return np.concatenate(out)
 
     def warmup(self, progress=None) -> None:

@@ -72,8 +72,12 @@ class EngineBackend:
     def stats(self) -> dict[str, float]:
         s = self.orchestrator.stats()
         slots = s['busy_slots'] + s['free_slots']
-        return {'running': s['busy_slots'], 'waiting': s['queued'],
-                'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
+        out = {'running': s['busy_slots'], 'waiting': s['queued'],
+               'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
+        engine_metrics = getattr(self.orchestrator.engine, 'metrics', None)
+        if engine_metrics is not None:  # a paged engine: pages used / pages, cache hits
+            out.update(engine_metrics())
+        return out
 
 
 class _Events:
@@ -116,7 +120,8 @@ class _Events:
         if self.first and self.req.admitted is not None:
             queued = self.req.admitted - self.req.created
         self.first = False
-        return GenEvent(chunk.token_ids, chunk.text, logprobs, chunk.finish_reason, queued)
+        return GenEvent(chunk.token_ids, chunk.text, logprobs, chunk.finish_reason, queued,
+                        chunk.cached_tokens if chunk.finish_reason else None)
 
     async def aclose(self):
         self.done = True

@@ -165,15 +165,19 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
     finally:  # an error in one choice, or the client gone: the others end too
         await close_all(handles)
     completion = sum(c.pop('_tokens') for c in choices)
+    # The prompt counts once; its cached share is what every choice found cached.
+    cached = min(c.pop('_cached') for c in choices)
     return {'id': rid, 'object': 'chat.completion', 'created': created,
             'model': backend.model_name, 'choices': choices, 'prompt': [],
-            'usage': usage(len(prompt), completion)}
+            'usage': usage(len(prompt), completion, cached)}
 
 
 async def _chat_choice(backend, index, stream, tools, style) -> dict:
     parser = GlmOutputParser(tools)
     n, finish, logprobs = 0, None, []
+    cached = 0
     async for event in stream:
+        cached = event.cached_tokens or cached
         parser.feed(event.text)
         n += len(event.token_ids)
         logprobs += event.logprobs or []
@@ -190,7 +194,8 @@ async def _chat_choice(backend, index, stream, tools, style) -> dict:
             for i, c in enumerate(parsed.tool_calls)]
         if finish == 'stop':
             finish = 'tool_calls'
-    choice = {'index': index, 'message': message, 'finish_reason': finish, '_tokens': n}
+    choice = {'index': index, 'message': message, 'finish_reason': finish, '_tokens': n,
+              '_cached': cached}
     if style:
         choice['logprobs'] = _format_logprobs(backend, logprobs, style)
     return choice
@@ -220,13 +225,16 @@ async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt):
             out['usage'] = usage
         return out
 
-    total = 0
+    total, cached = 0, None
     for index, stream in enumerate(streams):
         parser = GlmOutputParser(tools)
         yield chunk(index, {'content': ''})
         finish, any_call = None, False
         async for event in stream:
             total += len(event.token_ids)
+            if event.cached_tokens is not None:  # the last event: the prompt counts once
+                cached = event.cached_tokens if cached is None else min(cached,
+                                                                       event.cached_tokens)
             finish = event.finish_reason or finish
             delta = parser.feed(event.text)
             if event.finish_reason:
@@ -244,7 +252,7 @@ async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt):
             finish = 'tool_calls'
         yield chunk(index, {}, finish)
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk(None, usage=usage(n_prompt, total))
+        yield chunk(None, usage=usage(n_prompt, total, cached or 0))
 
 
 def _chat_delta(delta) -> dict:

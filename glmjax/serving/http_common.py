@@ -31,6 +31,7 @@ class GenEvent:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # 'stop' | 'length' on the last event
     queue_time: float | None = None  # seconds waited for a slot, on the first event
+    cached_tokens: int | None = None  # prompt tokens from the prefix cache, on the last
 
 
 class ApiError(Exception):
@@ -176,9 +177,11 @@ def gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_toke
             for i in range(body.n)]
 
 
-def usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage; `cached`: prompt tokens served from the prefix cache."""
     return {'prompt_tokens': prompt, 'completion_tokens': completion,
-            'total_tokens': prompt + completion}
+            'total_tokens': prompt + completion,
+            'prompt_tokens_details': {'cached_tokens': cached}}
 
 
 def sse(chunks, handles) -> StreamingResponse:

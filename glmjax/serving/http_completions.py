@@ -42,22 +42,26 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
 
     if body.stream:
         async def chunks():
-            total = 0
+            total = cached = 0
             for index, (p, stream) in enumerate(jobs):
                 if body.echo:
                     yield _text_chunk(rid, created, backend, index, backend.decode(p), None)
                 async for e in stream:
                     total += len(e.token_ids)
+                    cached += e.cached_tokens or 0
                     yield _text_chunk(rid, created, backend, index, e.text, e.finish_reason)
             if body.stream_options and body.stream_options.include_usage:
                 yield {'id': rid, 'object': 'text_completion', 'created': created,
                        'model': backend.model_name, 'choices': [],
-                       'usage': usage(n_prompt, total)}
+                       'usage': usage(n_prompt, total, cached)}
         return sse(chunks(), handles)
+
+    cached = [0] * len(jobs)
 
     async def collect(index, p, stream):
         text, n, finish, lps = '', 0, None, []
         async for e in stream:
+            cached[index] = e.cached_tokens or cached[index]
             text += e.text
             n += len(e.token_ids)
             finish = e.finish_reason or finish
@@ -78,7 +82,7 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
     completion = sum(c.pop('_tokens') for c in choices)
     return {'id': rid, 'object': 'text_completion', 'created': created,
             'model': backend.model_name, 'choices': choices,
-            'usage': usage(n_prompt, completion)}
+            'usage': usage(n_prompt, completion, sum(cached))}
 
 
 def _text_chunk(rid, created, backend, index, text, finish):

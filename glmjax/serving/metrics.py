@@ -39,12 +39,20 @@ class Metrics:
         self.waiting = Gauge('glmjax:num_requests_waiting', 'Requests queued', registry=r)
         self.kv_usage = Gauge('glmjax:kv_cache_usage_perc', 'KV-cache use, 0 to 1',
                               registry=r)
+        # Totals since start, from a paged engine (absent with the slot engine).
+        self.engine_totals = {
+            key: Gauge(f'glmjax:{key}', what, registry=r) for key, what in (
+                ('prefix_cache_queries', 'Prompt tokens looked up in the prefix cache'),
+                ('prefix_cache_hits', 'Prompt tokens found in the prefix cache'),
+                ('num_preemptions', 'Sequences preempted for lack of KV pages'))}
 
     def render(self) -> bytes:
         s = self.stats()
         self.running.set(s.get('running', 0))
         self.waiting.set(s.get('waiting', 0))
         self.kv_usage.set(s.get('kv_cache_usage', 0))
+        for key, gauge in self.engine_totals.items():
+            gauge.set(s.get(key, s.get(key.removeprefix('num_'), 0)))
         return generate_latest(self.registry)
 
     async def track(self, events: AsyncIterator, n_prompt: int) -> AsyncIterator:

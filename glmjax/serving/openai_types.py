@@ -104,10 +104,15 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra='forbid')
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int  # served from the prefix cache, not computed
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorDetail(_Out):

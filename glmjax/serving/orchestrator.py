@@ -72,6 +72,7 @@ class Chunk:
     stop_reason: str = ''
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, from the prefix cache (on the last chunk)
 
 
 class Request:
@@ -91,6 +92,7 @@ class Request:
         self.device_done = False  # the device stopped this slot (stop id or max_new)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0
         # Used by the detokenize thread only.
         self.stop_ids = frozenset(settings.stop_ids)
         self.detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -127,6 +129,7 @@ class Request:
                 self.finish_reason = chunk.finish_reason
                 chunk.prompt_tokens = len(self.prompt)
                 chunk.completion_tokens = self.completion_tokens
+                chunk.cached_tokens = self.cached_tokens
             self.out.put(chunk)
             hook = self.on_chunk
         if hook is not None:
@@ -335,17 +338,21 @@ class Orchestrator:
                 self._cond.notify_all()
 
     def _next_pending(self) -> Request | None:
-        """Pops the next live request; cancelled and expired ones are dropped here."""
+        """Pops the next live request if the engine can take it now (else it waits, first
+        in line); cancelled and expired ones are dropped here."""
         now = time.monotonic()
         with self._cond:
             while self._pending:
-                req = self._pending.popleft()
+                req = self._pending[0]
                 cause = req.over(now, self._closing)
                 if cause:
+                    self._pending.popleft()
                     req.finish('cancelled', cause)
                     self._cond.notify_all()
                     continue
-                return req
+                if not self.engine.can_admit(req.prompt, req.settings.max_new):
+                    return None
+                return self._pending.popleft()
             return None
 
     def _admit(self) -> list[tuple[StepOutput, list[Request | None]]]:
@@ -359,6 +366,7 @@ class Orchestrator:
             req.admitted = time.monotonic()
             try:
                 prefix = self.engine.prefill(req.prompt)
+                req.cached_tokens = prefix.cached_tokens
                 first = self.engine.insert(prefix, slot, req.settings)
             except Exception as e:
                 if isinstance(e, EngineLost) or self.engine.lost() is not None:

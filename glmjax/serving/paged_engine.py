@@ -53,9 +53,9 @@ from glmjax.serving.engine import (
     Prefix,
     SlotSettings,
     StepOutput,
-    _choose,
-    _pooled,
     buckets,
+    choose,
+    pooled,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
@@ -84,7 +84,6 @@ class PagedPrefix(Prefix):
     """A prefilled sequence: its K/V is already in the pool, under `seq_id` (no `cache`);
     `tokens` [1, max_seq_len] is the padded prompt, for insert's prompt mask."""
     seq_id: int = -1
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -119,7 +118,7 @@ def _insert(state: SlotState, logits: jax.Array, tokens: jax.Array, length: jax.
     V = logits.shape[-1]
     real = jnp.arange(tokens.shape[1]) < length
     mask = jnp.zeros((1, V), bool).at[0, jnp.where(real, tokens[0], V)].set(True, mode='drop')
-    out, counts, generated = _choose(logits, row, jnp.zeros((1, V), jnp.int32), mask,
+    out, counts, generated = choose(logits, row, jnp.zeros((1, V), jnp.int32), mask,
                                      jnp.zeros((1,), jnp.int32), max_new[None], stop_ids[None],
                                      jnp.ones((1,), bool))
     state = state.replace(
@@ -151,7 +150,7 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, p
         logits, pages = paged_forward(cfg, params, rows.tokens, rows.lengths, pages,
                                       rows.lengths + 1, page_indices, cu_q_lens, num_seqs,
                                       attn_impl=attn_impl)
-        out, counts, generated = _choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
+        out, counts, generated = choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
                                          rows.generated, rows.max_new, rows.stop_ids, active)
         rows = rows.replace(tokens=jnp.where(active, out.tokens, rows.tokens),
                             lengths=rows.lengths + active, done=rows.done | out.done,
@@ -348,8 +347,22 @@ class PagedEngine(Engine):
         # and insert overwrites all of it.
         self.state = self.state.replace(done=self.state.done.at[slot].set(True))
 
-    def cached_tokens(self, prefix: PagedPrefix) -> int:
-        return prefix.cached_tokens
+    @property
+    def capacity(self) -> int:
+        return min(self.max_seq_len, self.max_pages_per_seq * self.page_size,
+                   (self.num_pages - 1) * self.page_size)
+
+    def can_admit(self, prompt: list[int], max_new: int) -> bool:
+        """Admission by worst case: the pages this request could ever need (less its cached
+        prefix) plus what every running sequence may still grow into must be free, so a
+        decode step never runs out of pages (until preemption replaces this)."""
+        need = pages_for(min(len(prompt) + max_new, self.capacity), self.page_size)
+        need -= self.manager.cached_prefix(prompt) // self.page_size
+        for slot, seq in enumerate(self._slot_seq):
+            if seq is not None:
+                held = len(self.manager.page_table(seq))
+                need += max(0, pages_for(int(self._limit[slot]), self.page_size) - held)
+        return need <= self.manager.pool.num_free
 
     def metrics(self) -> dict[str, float]:
         return {**self.manager.metrics(),
@@ -367,8 +380,8 @@ class PagedEngine(Engine):
             for i, p in enumerate(part):
                 tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
             with jax.set_mesh(self.layout.mesh):
-                pooled = _pooled(self.cfg, self.layout, self.params, tokens, mask)
-            out.append(np.asarray(pooled)[:len(part)])
+                vectors = pooled(self.cfg, self.layout, self.params, tokens, mask)
+            out.append(np.asarray(vectors)[:len(part)])
         return np.concatenate(out)
 
     def warmup(self, progress=None) -> None:

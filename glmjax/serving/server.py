@@ -59,6 +59,15 @@ _MAX_SEQ_LEN = flags.DEFINE_integer('max_seq_len', 512, 'prompt + output tokens 
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'requests waiting for a slot; beyond it '
                                   'Generate answers RESOURCE_EXHAUSTED')
 _STEPS = flags.DEFINE_integer('decode_steps', 4, 'decode steps per device call')
+_ENGINE = flags.DEFINE_enum('engine', 'slots', ['slots', 'paged'], 'slots: a contiguous KV '
+                            'cache of max_seq_len per slot; paged: a pool of KV pages with '
+                            'prefix caching, decode steps sized to the running sequences '
+                            '(one device for now)')
+_PAGE_SIZE = flags.DEFINE_integer('page_size', 16, '--engine=paged: tokens per KV page')
+_KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, '--engine=paged: GiB of KV pages '
+                                  '(default: max_batch sequences of max_seq_len)')
+_PREFIX_CACHING = flags.DEFINE_boolean('prefix_caching', True, '--engine=paged: share the '
+                                       'KV pages of repeated prompt prefixes')
 _API_KEY = flags.DEFINE_string('api_key', None, 'require "authorization: Bearer <key>" '
                                '(default: $GLMJAX_API_KEY, else no auth)')
 _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with --tls_key)')
@@ -134,7 +143,7 @@ def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,
     from glmjax.serving.http_backend import EngineBackend
     from glmjax.serving.http_server import HttpServer
     backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg,
-                            server.model_name, server.engine.max_seq_len,
+                            server.model_name, server.engine.capacity,
                             chat_template(model_dir),
                             ready=lambda: server.ready and not server.stopping,
                             draining=lambda: server.stopping, served_names=served_names)
@@ -165,6 +174,21 @@ def _mesh(processes: int) -> jax.sharding.Mesh | None:
         return make_mesh(parse_mesh(_MESH.value))
     except MeshError as e:
         raise app.UsageError(f'--mesh: {e}') from None
+
+
+def make_engine(cfg: GlmConfig, params: dict, mesh):
+    if _ENGINE.value == 'slots':
+        return GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
+                         mesh=mesh, rules=_RULES.value, prefill_chunk=_PREFILL_CHUNK.value)
+    if mesh is not None and mesh.size > 1:
+        raise app.UsageError('--engine=paged runs on one device for now: drop --mesh, or use '
+                             '--engine=slots')
+    from glmjax.serving.paged_engine import PagedEngine
+    gb = _KV_CACHE_GB.value
+    return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
+                       page_size=_PAGE_SIZE.value,
+                       kv_cache_bytes=None if gb is None else int(gb * 2 ** 30),
+                       prefill_chunk=_PREFILL_CHUNK.value, prefix_caching=_PREFIX_CACHING.value)
 
 
 def _lockstep_address() -> tuple[str, int]:
@@ -199,8 +223,7 @@ def main(argv):
         raise app.UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but the model '
                              f'only {cfg.vocab_size}')
     try:
-        engine = GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
-                           mesh=mesh, rules=_RULES.value, prefill_chunk=_PREFILL_CHUNK.value)
+        engine = make_engine(cfg, params, mesh)
     except (ValueError, RulesError) as e:
         raise app.UsageError(str(e)) from None
     leader = None

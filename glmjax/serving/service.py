@@ -73,6 +73,7 @@ def _response(chunk: Chunk, with_logprobs: bool):
         r.finish_reason = FINISH[chunk.finish_reason]
         r.usage.prompt_tokens = chunk.prompt_tokens
         r.usage.completion_tokens = chunk.completion_tokens
+        r.usage.cached_tokens = chunk.cached_tokens
     return r
 
 
@@ -185,7 +186,7 @@ class GlmServer:
                  api_key: str | None = None, tls: tuple[bytes, bytes] | None = None):
         eos = cfg.eos_token_ids
         self.engine, self.tokenizer, self.cfg, self.model_name = engine, tokenizer, cfg, model_name
-        self.limits = Limits(cfg.vocab_size, engine.max_seq_len, tuple(eos))
+        self.limits = Limits(cfg.vocab_size, engine.capacity, tuple(eos))
         self.orchestrator = Orchestrator(engine, max_queue)
         self.ready = self.stopping = False
         self.failure: str | None = None
