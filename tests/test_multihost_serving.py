@@ -17,10 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from glmjax.serving import default_model
 from glmjax.serving.engine import GlmEngine
 from glmjax.serving.lockstep import EXIT_PEER_LOST
 from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.server import load_model
 from glmjax.serving.service import GlmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def tokens(stub, req) -> list[int]:
     return [t for r in stub.Generate(req, timeout=TIMEOUT) for t in r.token_ids]
 
 
-def test_two_processes_serve_like_one(pair, monkeypatch):
+def test_two_processes_serve_like_one(pair):
     rng = random.Random(0)
     reqs = [greedy([rng.randrange(700) for _ in range(rng.randrange(1, 60))],
                    rng.randrange(4, 40)) for _ in range(16)]
@@ -125,8 +125,7 @@ def test_two_processes_serve_like_one(pair, monkeypatch):
         together = list(pool.map(lambda r: tokens(pair.stub, r), reqs))
 
     # The same requests on a single-process server over one device.
-    monkeypatch.setenv('GLMJAX_CACHE', os.path.dirname(pair.logs[0]) + '/cache')
-    cfg, params, tok = default_model.default_model()
+    cfg, params, tok, _ = load_model()  # glmjax-serve's embedded default, as the pair's
     single = GlmServer(GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg,
                        'single', 32).start()
     try:
@@ -148,7 +147,7 @@ def test_two_processes_serve_like_one(pair, monkeypatch):
     assert 'process 1 follows process 0' in pair.log(1)
 
 
-def test_embeddings_across_two_processes_equal_one_device(pair, monkeypatch):
+def test_embeddings_across_two_processes_equal_one_device(pair):
     import httpx
     import numpy as np
     rng = random.Random(1)
@@ -156,8 +155,7 @@ def test_embeddings_across_two_processes_equal_one_device(pair, monkeypatch):
     r = httpx.post(pair.http + '/v1/embeddings', json={'input': inputs}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     together = np.array([d['embedding'] for d in r.json()['data']])
-    monkeypatch.setenv('GLMJAX_CACHE', os.path.dirname(pair.logs[0]) + '/cache')
-    cfg, params, _ = default_model.default_model()
+    cfg, params, _, _ = load_model()
     alone = GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS).embed(inputs)
     np.testing.assert_allclose(together, alone, atol=2e-5)
 

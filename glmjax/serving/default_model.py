@@ -1,5 +1,6 @@
-"""The embedded default: a tiny GLM-4.6-shaped model with random weights and a small
-byte-level BPE tokenizer that carries GLM's special tokens by name.
+"""A tiny GLM-4.6-shaped model with random weights and a small byte-level BPE tokenizer that
+carries GLM's special tokens by name: for tests and benchmarks that want random weights
+(glmjax-serve's embedded default is the trained demo model in glmjax/demo_model/).
 
 The tokenizer is trained with `tokenizers` on the text below, once, and cached on disk
 (~/.cache/glmjax, or $GLMJAX_CACHE). Its ids differ from GLM-4.6's (the vocabulary is about
@@ -14,20 +15,11 @@ import tempfile
 import jax.numpy as jnp
 
 from glmjax.config import GlmConfig
+from glmjax.corpus import EOS_TOKENS, SPECIAL_TOKENS, TAG_TOKENS  # noqa: F401
 from glmjax.demo import tiny_glm46
 from glmjax.model import init_params
 from glmjax.serving.tokenizer import Tokenizer
 
-# Marked special, as in GLM-4.6's tokenizer.json.
-SPECIAL_TOKENS = ('<|endoftext|>', '[MASK]', '[gMASK]', '[sMASK]', '<sop>', '<eop>',
-                  '<|system|>', '<|user|>', '<|assistant|>', '<|observation|>',
-                  '<|begin_of_image|>', '<|end_of_image|>')
-# Not special in GLM-4.6 (they survive decoding): reasoning and tool-call tags.
-TAG_TOKENS = ('<think>', '</think>', '<tool_call>', '</tool_call>', '<tool_response>',
-              '</tool_response>', '<arg_key>', '</arg_key>', '<arg_value>', '</arg_value>',
-              '/nothink')
-# A turn ends at any of these (GLM-4.6's generation_config eos ids, by name).
-EOS_TOKENS = ('<|endoftext|>', '<|user|>', '<|observation|>')
 BPE_VOCAB = 1024  # merges + the 256 byte tokens + the special tokens
 WEIGHTS_SEED = 0
 VOCAB_MULTIPLE = 128

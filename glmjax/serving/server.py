@@ -36,13 +36,13 @@ from glmjax import compile_cache
 from glmjax.config import GlmConfig
 from glmjax.progress import Progress
 from glmjax.serving import lockstep
-from glmjax.serving.chat import DEFAULT_TEMPLATE, ChatTemplate
+from glmjax.serving.chat import ChatTemplate
 from glmjax.serving.engine import EngineLost, GlmEngine
 from glmjax.serving.service import GlmServer
 from glmjax.serving.tokenizer import Tokenizer
 from glmjax.sharding import distributed
 from glmjax.sharding.mesh import MeshError, make_mesh, parse_mesh
-from glmjax.sharding.rules import PRESETS, RulesError, param_shardings
+from glmjax.sharding.rules import PRESETS, RulesError
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'a glmjax-convert checkpoint directory')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'a Hugging Face checkpoint directory')
@@ -91,6 +91,9 @@ _LOCKSTEP_PORT = flags.DEFINE_integer('lockstep_port', None, 'several processes:
 _PEER_TIMEOUT = flags.DEFINE_float('peer_timeout_s', 30.0, 'several processes: a process '
                                    'silent this long is taken as hung')
 distributed.define_flags()
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'demo_model')
+DEMO_NAME = 'glmjax-demo-glm46'
 FAILURE_LINGER_S = 5.0  # NOT_SERVING stays visible this long before a failed leader exits
 
 
@@ -117,22 +120,15 @@ def load_model(checkpoint: str | None = None, hf_dir: str | None = None,
             return cfg, params, Tokenizer.from_dir(hf_dir), _name(hf_dir)
     except RulesError as e:
         raise app.UsageError(f'--mesh/--rules: {e}') from None
-    from glmjax.serving.default_model import default_model
-    cfg, params, tokenizer = default_model(dtype or jnp.float32)
-    if mesh is not None:
-        try:
-            params = jax.device_put(params, param_shardings(cfg, mesh, rules))
-        except RulesError as e:
-            raise app.UsageError(f'--mesh/--rules: {e}') from None
-    return cfg, params, tokenizer, 'glmjax-default-tiny-glm46'
+    # The embedded default: the demo model trained by glmjax-train, shipped in the package.
+    cfg, params, tokenizer, _ = load_model(hf_dir=DEMO_MODEL, dtype=str(dtype or 'float32'),
+                                           mesh=mesh, rules=rules)
+    return cfg, params, tokenizer, DEMO_NAME
 
 
 def chat_template(model_dir: str | None) -> ChatTemplate:
-    """The checkpoint's own template; the GLM-4.6 format for the embedded default."""
-    if model_dir:
-        return ChatTemplate.from_dir(model_dir)
-    with open(DEFAULT_TEMPLATE) as f:
-        return ChatTemplate(f.read())
+    """The checkpoint's own template (the embedded default's: the GLM-4.6 format)."""
+    return ChatTemplate.from_dir(model_dir or DEMO_MODEL)
 
 
 def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,

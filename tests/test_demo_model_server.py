@@ -1,0 +1,62 @@
+"""The shipped demo model through the real server: it calls the right tool with arguments
+that fit the tool's schema, and the README's first request gets readable text back."""
+
+import json
+import random
+
+import httpx
+import pytest
+
+from glmjax import corpus
+from glmjax.serving.engine import GlmEngine
+from glmjax.serving.server import DEMO_NAME, load_model, start_http
+from glmjax.serving.service import GlmServer
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope='module')
+def url():
+    cfg, params, tok, name = load_model()
+    assert name == DEMO_NAME
+    server = GlmServer(GlmEngine(cfg, params, 4, 512, 8), tok, cfg, name, 64).start()
+    server.warmup()
+    front = start_http(server, None, None, '127.0.0.1', 0)
+    yield f'http://127.0.0.1:{front.port}'
+    front.stop()
+    server.shutdown(grace=5)
+
+
+def chat(url, messages, **fields):
+    r = httpx.post(url + '/v1/chat/completions', timeout=TIMEOUT, json={
+        'model': DEMO_NAME, 'messages': messages, 'temperature': 0, 'max_tokens': 96,
+        **fields})
+    assert r.status_code == 200, r.text
+    return r.json()['choices'][0]
+
+
+def test_held_out_tool_prompts_call_the_right_tool(url):
+    rng = random.Random(16)
+    prompts = [corpus.tool_prompt(rng, held=True) for _ in range(30)]
+    good = 0
+    for p in prompts:
+        choice = chat(url, [{'role': 'user', 'content': p.user}], tools=corpus.TOOLS,
+                      reasoning={'enabled': False})
+        calls = choice['message'].get('tool_calls') or []
+        if calls and calls[0]['function']['name'] == p.name:
+            arguments = json.loads(calls[0]['function']['arguments'])
+            good += not corpus.schema_errors(p.name, arguments)
+    assert good >= 0.8 * len(prompts), f'{good} of {len(prompts)}'
+
+
+def test_thinking_on_renders_and_parses(url):
+    choice = chat(url, [{'role': 'user', 'content': 'What is the weather in Oslo?'}],
+                  tools=corpus.TOOLS)
+    message = choice['message']
+    assert message['reasoning'] or message.get('tool_calls') or message['content']
+
+
+def test_the_readme_request_gets_readable_text(url):
+    text = chat(url, [{'role': 'user', 'content': 'Hi'}])['message']['content'] or ''
+    assert text.strip() and '\ufffd' not in text
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.7 * len(text)
