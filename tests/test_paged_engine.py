@@ -214,3 +214,10 @@ def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
     pool = eng.manager.pool
     assert pool.num_free == pool.allocatable and pool.num_cached == 0
     assert eng._slot_seq == [None] * 4 and eng.last_rows == 4
+
+
+def test_embed_equals_the_slot_engine(model):
+    cfg, params = model
+    ps = prompts([5, 30, 1])
+    np.testing.assert_allclose(engine(model).embed(ps),
+                               GlmEngine(cfg, params, 2, 64).embed(ps), atol=1e-6)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from glmjax import forward, generate
-from glmjax.serving import default_model, engine
+from glmjax.serving import engine
 from glmjax.serving.engine import GlmEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.service import GlmServer
@@ -40,14 +40,6 @@ def make_server(model, engine_class=GlmEngine, **kwargs) -> GlmServer:
     server = GlmServer(eng, tok, cfg, 'test-tiny', kwargs.pop('max_queue', 64), **kwargs)
     server.start().warmup()
     return server
-
-
-@pytest.fixture(scope='module')
-def model(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv('GLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    yield default_model.default_model()
-    mp.undo()
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from glmjax import generate
-from glmjax.serving import default_model
 from glmjax.serving.engine import GlmEngine, SlotSettings
 from glmjax.serving.orchestrator import Request
 from glmjax.serving.protos import pb, pb_grpc
@@ -27,14 +26,6 @@ class SlowEngine(GlmEngine):
     def generate(self):
         time.sleep(STEP_S)
         return super().generate()
-
-
-@pytest.fixture(scope='module')
-def model(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv('GLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    yield default_model.default_model()
-    mp.undo()
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from glmjax import generate
-from glmjax.serving import default_model
 from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import start_http
@@ -18,14 +17,6 @@ from glmjax.serving.service import GlmServer
 
 MAX_BATCH, MAX_SEQ_LEN, STEPS, PAGE = 4, 128, 4, 8
 TIMEOUT = 120
-
-
-@pytest.fixture(scope='module')
-def model(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv('GLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    yield default_model.default_model()
-    mp.undo()
 
 
 def serve(model, **engine_kwargs):

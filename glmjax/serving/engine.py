@@ -303,6 +303,26 @@ def _free(layout: Layout, state: DecodeState, slot: jax.Array) -> DecodeState:
     return _place_state(layout, state.replace(cache=cache, done=state.done.at[slot].set(True)))
 
 
+def embed_prompts(cfg: GlmConfig, layout: Layout, params: dict, prompts: list[list[int]],
+                  length_bucket, put) -> np.ndarray:
+    """Engine.embed over the model's contiguous forward (no cache is needed): rows in calls
+    of at most EMBED_ROWS, rows and lengths padded to powers of two, so a few programs serve
+    every call. `put` places host arrays for the mesh."""
+    out = []
+    for start in range(0, len(prompts), EMBED_ROWS):
+        part = prompts[start:start + EMBED_ROWS]
+        B, T = bucket(len(part), 1), length_bucket(max(len(p) for p in part))
+        tokens = np.zeros((B, T), np.int32)
+        mask = np.zeros((B, T, 1), np.float32)
+        mask[len(part):, 0] = 1.0  # padding rows: one position, no division by zero
+        for i, p in enumerate(part):
+            tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
+        with jax.set_mesh(layout.mesh):
+            vectors = pooled(cfg, layout, params, *put((tokens, mask)))
+        out.append(np.asarray(vectors.addressable_data(0))[:len(part)])
+    return np.concatenate(out)
+
+
 class GlmEngine(Engine):
     """The engine over glmjax's jitted prefill and decode, on a device mesh (default: the
     first device). On a mesh that spans several processes every process must make the same
@@ -407,19 +427,8 @@ class GlmEngine(Engine):
         self._bound[:] = 0
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        out = []
-        for start in range(0, len(prompts), EMBED_ROWS):
-            part = prompts[start:start + EMBED_ROWS]
-            B, T = bucket(len(part), 1), self.bucket(max(len(p) for p in part))
-            tokens = np.zeros((B, T), np.int32)
-            mask = np.zeros((B, T, 1), np.float32)
-            mask[len(part):, 0] = 1.0  # padding rows: one position, no division by zero
-            for i, p in enumerate(part):
-                tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
-            with jax.set_mesh(self.layout.mesh):
-                vectors = pooled(self.cfg, self.layout, self.params, *self._put((tokens, mask)))
-            out.append(np.asarray(vectors.addressable_data(0))[:len(part)])
-        return np.concatenate(out)
+        return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
+                             self._put)
 
     def warmup(self, progress=None) -> None:
         total = len(self.buckets) + len(self.kv_buckets)

@@ -42,11 +42,9 @@ from flax import struct
 
 from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
-from glmjax.generate import bucket
 from glmjax.paged_inference import KVPages, init_pages, paged_forward
 from glmjax.sampling import TOP_LOGPROBS, SamplingParams
 from glmjax.serving.engine import (
-    EMBED_ROWS,
     MAX_STOP_IDS,
     Engine,
     Layout,
@@ -55,7 +53,7 @@ from glmjax.serving.engine import (
     StepOutput,
     buckets,
     choose,
-    pooled,
+    embed_prompts,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
@@ -369,20 +367,8 @@ class PagedEngine(Engine):
                 'num_running_seqs': sum(s is not None for s in self._slot_seq)}
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        # The contiguous forward, as GlmEngine: no cache is needed, and nothing is cached.
-        out = []
-        for start in range(0, len(prompts), EMBED_ROWS):
-            part = prompts[start:start + EMBED_ROWS]
-            B, T = bucket(len(part), 1), self.bucket(max(len(p) for p in part))
-            tokens = np.zeros((B, T), np.int32)
-            mask = np.zeros((B, T, 1), np.float32)
-            mask[len(part):, 0] = 1.0  # padding rows: one position, no division by zero
-            for i, p in enumerate(part):
-                tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
-            with jax.set_mesh(self.layout.mesh):
-                vectors = pooled(self.cfg, self.layout, self.params, tokens, mask)
-            out.append(np.asarray(vectors)[:len(part)])
-        return np.concatenate(out)
+        return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
+                             lambda x: x)
 
     def warmup(self, progress=None) -> None:
         """Compiles every prefill chunk bucket, the insert and every row bucket;
