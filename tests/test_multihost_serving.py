@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from glmjax import generate
 from glmjax.serving.engine import GlmEngine
 from glmjax.serving.lockstep import EXIT_PEER_LOST
 from glmjax.serving.protos import pb, pb_grpc
@@ -54,7 +55,7 @@ def health(channel) -> int | None:
 class Pair:
     """Two glmjax-serve processes on this machine, as launch/local.sh starts them."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, extra=()):
         self.logs = [tmp_path / f'process{i}.log' for i in range(2)]
         coordinator, lockstep = free_port(), free_port()
         env = dict(os.environ, GLMJAX_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT,
@@ -67,7 +68,7 @@ class Pair:
                    '--mesh=expert=4,tensor=2', '--grpc_host=127.0.0.1', '--grpc_port=0',
                    '--http_host=127.0.0.1', '--http_port=0', f'--max_batch={MAX_BATCH}',
                    f'--max_seq_len={MAX_SEQ_LEN}', f'--decode_steps={STEPS}', '--max_queue=32',
-                   '--peer_timeout_s=20']
+                   '--peer_timeout_s=20', *extra]
             with open(self.logs[i], 'w') as log:
                 self.procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log,
                                                    stderr=subprocess.STDOUT))
@@ -158,6 +159,26 @@ def test_embeddings_across_two_processes_equal_one_device(pair):
     cfg, params, _, _ = load_model()
     alone = GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS).embed(inputs)
     np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+def test_two_processes_serve_the_paged_engine_like_one_device(tmp_path):
+    """The paged engine's page tables are decided by the same host calls in every process,
+    so the followers stay in lockstep; prefix caching included (shared prompt prefixes)."""
+    paged = Pair(tmp_path, ['--engine=paged', '--page_size=8'])
+    try:
+        rng = random.Random(2)
+        system = [rng.randrange(700) for _ in range(20)]
+        reqs = [greedy(system + [rng.randrange(700) for _ in range(rng.randrange(1, 30))],
+                       rng.randrange(4, 30)) for _ in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda r: tokens(paged.stub, r), reqs))
+        cfg, params, _, _ = load_model()
+        # Both stop after an eos id, which they return.
+        assert together == [generate(cfg, params, [list(r.token_ids)], r.max_tokens)[0]
+                            for r in reqs]
+        assert 'process 1 follows process 0' in paged.log(1)
+    finally:
+        paged.stop()
 
 
 def test_a_dead_follower_stops_both_processes(pair):

@@ -5,6 +5,7 @@ the active rows.
 Every engine here has the same pool, page table and chunk shapes, so the compiled steps are
 shared across tests (the tiny model still takes seconds to compile each)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -221,3 +222,19 @@ def test_embed_equals_the_slot_engine(model):
     ps = prompts([5, 30, 1])
     np.testing.assert_allclose(engine(model).embed(ps),
                                GlmEngine(cfg, params, 2, 64).embed(ps), atol=1e-6)
+
+
+@pytest.mark.parametrize('axes', [{'expert': 4, 'tensor': 2}, {'data': 2, 'expert': 4}])
+def test_on_a_mesh_greedy_equals_generate(model, axes):
+    from glmjax import sharding
+    cfg, params = model
+    mesh = sharding.make_mesh(axes)
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    eng = PagedEngine(cfg, sharded, max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3,
+                      page_size=PAGE, num_pages=PAGES, prefill_chunk=CHUNK, mesh=mesh)
+    ps = prompts([40, 7, 33, 16], seed=5)
+    assert run(eng, ps, greedy(len(ps), 12)) == generate(cfg, params, ps, 12, stop_ids=())
+    k = eng.pages.k[0]
+    assert k.sharding.is_equivalent_to(sharding.pages_shardings(cfg, mesh, k), k.ndim)
+    if 'tensor' in axes:  # kv heads split over tensor, as the contiguous cache's
+        assert {s.data.shape[0] for s in k.addressable_shards} == {cfg.num_key_value_heads // 2}

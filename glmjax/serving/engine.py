@@ -303,6 +303,12 @@ def _free(layout: Layout, state: DecodeState, slot: jax.Array) -> DecodeState:
     return _place_state(layout, state.replace(cache=cache, done=state.done.at[slot].set(True)))
 
 
+def local(out: StepOutput) -> StepOutput:
+    """Replicated outputs: this process's first copy can be fetched even when the mesh
+    spans other processes. Still asynchronous."""
+    return jax.tree.map(lambda x: x.addressable_data(0), out)
+
+
 def embed_prompts(cfg: GlmConfig, layout: Layout, params: dict, prompts: list[list[int]],
                   length_bucket, put) -> np.ndarray:
     """Engine.embed over the model's contiguous forward (no cache is needed): rows in calls
@@ -365,12 +371,6 @@ class GlmEngine(Engine):
         """Host values onto every device of the mesh (the same values in every process)."""
         return jax.device_put(tree, jax.tree.map(lambda _: self.layout.replicated, tree))
 
-    @staticmethod
-    def _local(out: StepOutput) -> StepOutput:
-        # Replicated outputs: this process's first copy can be fetched even when the mesh
-        # spans other processes. Still asynchronous.
-        return jax.tree.map(lambda x: x.addressable_data(0), out)
-
     def bucket(self, n: int) -> int:
         for b in self.buckets:
             if n <= b:
@@ -405,7 +405,7 @@ class GlmEngine(Engine):
             self.state, out = _insert(self.layout, self.state, prefix.cache, prefix.logits,
                                       prefix.tokens, *self._put(host))
         self._bound[slot] = prefix.length
-        return self._local(out)
+        return local(out)
 
     def generate(self) -> StepOutput:
         return self._decode(self.kv_bucket(int(self._bound.max()) + self.steps_per_call))
@@ -415,7 +415,7 @@ class GlmEngine(Engine):
             self.state, out = _generate(self.cfg, self.layout, self.params, self.state,
                                         self.steps_per_call, kv_len)
         self._bound[self._bound > 0] += self.steps_per_call
-        return self._local(out)
+        return local(out)
 
     def free(self, slot: int) -> None:
         with jax.set_mesh(self.layout.mesh):

@@ -172,6 +172,14 @@ class LeaderEngine(Engine):
         self.vocab_size, self.steps_per_call = engine.vocab_size, engine.steps_per_call
         self.buckets = engine.buckets
 
+    @property
+    def capacity(self) -> int:
+        return self.engine.capacity
+
+    def can_admit(self, prompt: list[int], max_new: int) -> bool:
+        # Host bookkeeping only: every follower reaches the same state from the same calls.
+        return self.engine.can_admit(prompt, max_new)
+
     def lost(self) -> str | None:
         # A collective that lost its peer may fail before the watch threads notice: wait.
         return self.leader.failure if self.leader.failed.wait(LOST_WAIT_S) else None

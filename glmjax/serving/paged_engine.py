@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
@@ -54,10 +55,11 @@ from glmjax.serving.engine import (
     buckets,
     choose,
     embed_prompts,
+    local,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
-from glmjax.sharding.rules import get_rules
+from glmjax.sharding.rules import Rules, get_rules, pages_shardings
 
 MIN_CHUNK_BUCKET = 16  # prefill chunks are padded to powers of two from here to prefill_chunk
 
@@ -164,6 +166,11 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, p
     return pages, state, full.replace(done=state.done)
 
 
+@functools.partial(jax.jit, donate_argnames='state')
+def _mark_done(state: SlotState, slot: jax.Array) -> SlotState:
+    return state.replace(done=state.done.at[slot].set(True))
+
+
 def row_buckets(max_batch: int) -> tuple[int, ...]:
     """Packed decode rows are padded to powers of two (and max_batch), compiled at warm-up."""
     return tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
@@ -190,7 +197,8 @@ class PagedEngine(Engine):
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
                  steps_per_call: int = 4, *, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_bytes: int | None = None, prefill_chunk: int = 512,
-                 prefix_caching: bool = True, attn_impl: str | None = None):
+                 prefix_caching: bool = True, attn_impl: str | None = None,
+                 mesh: Mesh | None = None, rules: Rules | str | None = None):
         if not 0 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f'max_seq_len must be between 1 and the model context of '
                              f'{cfg.max_position_embeddings}, got {max_seq_len}')
@@ -202,15 +210,22 @@ class PagedEngine(Engine):
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size, self.steps_per_call = cfg.vocab_size, steps_per_call
         self.prefill_chunk, self.page_size = prefill_chunk, page_size
-        self.prefix_caching, self.attn_impl = prefix_caching, attn_impl
+        self.prefix_caching = prefix_caching
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
         self.chunk_buckets = chunk_buckets(prefill_chunk)
-        # Only for embed, which runs the model's contiguous forward.
-        self.layout = Layout(cfg, make_mesh({}, jax.devices()[:1]), get_rules(None), self.dtype)
+        mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
+        if mesh.size > 1 and attn_impl is None:
+            # The Pallas kernels would need a shard_map over kv heads; the reference is
+            # partitioned by the compiler.
+            attn_impl = 'reference'
+        self.attn_impl = attn_impl
+        self.layout = Layout(cfg, mesh, get_rules(rules), self.dtype)
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
+        self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
         self.last_rows = 0  # the row bucket of the last generate call (tests, metrics)
         self._seq_ids = itertools.count()
         self.reset()
@@ -230,13 +245,21 @@ class PagedEngine(Engine):
 
     def reset(self) -> None:
         """A new pool, decode state and page manager: every sequence and cached page gone."""
-        self.pages = init_pages(self.cfg, self.num_pages, self.page_size, self.dtype)
-        self.state = _empty_state(self.max_batch, self.vocab_size)
+        with jax.set_mesh(self.layout.mesh):
+            # Built in place, shard by shard: no device ever holds the whole pool.
+            self.pages = jax.jit(init_pages, static_argnums=(0, 1, 2, 3),
+                                 out_shardings=self._pages_sharding)(
+                self.cfg, self.num_pages, self.page_size, self.dtype)
+            self.state = self._put(_empty_state(self.max_batch, self.vocab_size))
         self.manager = PageManager(self.num_pages, self.page_size, self.max_pages_per_seq,
                                    self.prefix_caching)
         self._slot_seq: list[int | None] = [None] * self.max_batch
         self._bound = np.zeros(self.max_batch, np.int64)  # per slot: a bound of its length
         self._limit = np.zeros(self.max_batch, np.int64)  # per slot: the most it can reach
+
+    def _put(self, tree):
+        """Host values onto every device of the mesh (the same values in every process)."""
+        return jax.device_put(tree, jax.tree.map(lambda _: self.layout.replicated, tree))
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -259,9 +282,10 @@ class PagedEngine(Engine):
                 length = min(self.prefill_chunk, n - start)
                 chunk = np.zeros(_smallest(self.chunk_buckets, length), np.int32)
                 chunk[:length] = tokens[start:start + length]
-                logits, self.pages = _prefill_chunk(self.cfg, self.attn_impl, self.params,
-                                                    self.pages, chunk, np.int32(start),
-                                                    np.int32(length), table)
+                with jax.set_mesh(self.layout.mesh):
+                    logits, self.pages = _prefill_chunk(
+                        self.cfg, self.attn_impl, self.params, self.pages,
+                        *self._put((chunk, np.int32(start), np.int32(length), table)))
         except Exception:
             self.manager.finish(seq)
             raise
@@ -282,13 +306,15 @@ class PagedEngine(Engine):
                                  f'got {len(settings.stop_ids)}')
             stop = np.full((MAX_STOP_IDS,), -1, np.int32)
             stop[:len(settings.stop_ids)] = settings.stop_ids
-            self.state, out = _insert(self.state, prefix.logits, prefix.tokens,
-                                      np.int32(prefix.length), np.int32(slot),
-                                      settings.sampling(), np.int32(settings.max_new), stop)
+            host = (prefix.tokens, np.int32(prefix.length), np.int32(slot),
+                    settings.sampling(), np.int32(settings.max_new), stop)
+            with jax.set_mesh(self.layout.mesh):
+                self.state, out = _insert(self.state, prefix.logits, *self._put(host))
         except Exception:
             self.manager.finish(prefix.seq_id)  # the sequence never got a slot
             raise
         self._slot_seq[slot] = prefix.seq_id
+        out = local(out)
         self._bound[slot] = prefix.length
         # A done row rewrites its last position: it never needs more than prompt + max_new.
         self._limit[slot] = min(prefix.length + settings.max_new,
@@ -311,9 +337,11 @@ class PagedEngine(Engine):
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
         table = self.manager.page_table_array(seqs, rows)
-        self.pages, self.state, out = _generate(
-            self.cfg, self.attn_impl, self.steps_per_call, self.params, self.pages, self.state,
-            padded, np.array([len(slots)], np.int32), table)
+        with jax.set_mesh(self.layout.mesh):
+            self.pages, self.state, out = _generate(
+                self.cfg, self.attn_impl, self.steps_per_call, self.params, self.pages,
+                self.state, *self._put((padded, np.array([len(slots)], np.int32), table)))
+        out = local(out)
         self._bound[slots] = np.minimum(self._bound[slots] + self.steps_per_call,
                                         self._limit[slots])
         self.last_rows = rows
@@ -341,9 +369,10 @@ class PagedEngine(Engine):
         self.manager.finish(seq)
         self._slot_seq[slot] = None
         self._bound[slot] = self._limit[slot] = 0
-        # The device row needs no change: a slot out of the batch is neither run nor read,
-        # and insert overwrites all of it.
-        self.state = self.state.replace(done=self.state.done.at[slot].set(True))
+        # The rest of the device row needs no change: a slot out of the batch is neither run
+        # nor read, and insert overwrites all of it.
+        with jax.set_mesh(self.layout.mesh):
+            self.state = _mark_done(self.state, self._put(np.int32(slot)))
 
     @property
     def capacity(self) -> int:
@@ -368,7 +397,7 @@ class PagedEngine(Engine):
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
-                             lambda x: x)
+                             self._put)
 
     def warmup(self, progress=None) -> None:
         """Compiles every prefill chunk bucket, the insert and every row bucket;

@@ -61,8 +61,7 @@ _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'requests waiting for a slot;
 _STEPS = flags.DEFINE_integer('decode_steps', 4, 'decode steps per device call')
 _ENGINE = flags.DEFINE_enum('engine', 'slots', ['slots', 'paged'], 'slots: a contiguous KV '
                             'cache of max_seq_len per slot; paged: a pool of KV pages with '
-                            'prefix caching, decode steps sized to the running sequences '
-                            '(one device for now)')
+                            'prefix caching, decode steps sized to the running sequences')
 _PAGE_SIZE = flags.DEFINE_integer('page_size', 16, '--engine=paged: tokens per KV page')
 _KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, '--engine=paged: GiB of KV pages '
                                   '(default: max_batch sequences of max_seq_len)')
@@ -176,15 +175,13 @@ def make_engine(cfg: GlmConfig, params: dict, mesh):
     if _ENGINE.value == 'slots':
         return GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
                          mesh=mesh, rules=_RULES.value, prefill_chunk=_PREFILL_CHUNK.value)
-    if mesh is not None and mesh.size > 1:
-        raise app.UsageError('--engine=paged runs on one device for now: drop --mesh, or use '
-                             '--engine=slots')
     from glmjax.serving.paged_engine import PagedEngine
     gb = _KV_CACHE_GB.value
     return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
                        page_size=_PAGE_SIZE.value,
                        kv_cache_bytes=None if gb is None else int(gb * 2 ** 30),
-                       prefill_chunk=_PREFILL_CHUNK.value, prefix_caching=_PREFIX_CACHING.value)
+                       prefill_chunk=_PREFILL_CHUNK.value, prefix_caching=_PREFIX_CACHING.value,
+                       mesh=mesh, rules=_RULES.value)
 
 
 def _lockstep_address() -> tuple[str, int]:

@@ -35,6 +35,7 @@ from glmjax.sharding.rules import (
     Rules,
     RulesError,
     cache_shardings,
+    pages_shardings,
     param_shardings,
     partition_spec,
     with_shardings,
@@ -42,6 +43,6 @@ from glmjax.sharding.rules import (
 
 __all__ = [
     'DATA', 'EXPERT', 'LOGICAL_AXES', 'MESH_AXES', 'PRESETS', 'TENSOR', 'MeshError', 'Rules',
-    'RulesError', 'cache_shardings', 'make_mesh', 'param_shardings', 'parse_mesh',
-    'partition_spec', 'with_shardings',
+    'RulesError', 'cache_shardings', 'make_mesh', 'pages_shardings', 'param_shardings',
+    'parse_mesh', 'partition_spec', 'with_shardings',
 ]

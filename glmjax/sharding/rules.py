@@ -42,6 +42,8 @@ class Rules:
     mlp: str | None = TENSOR
     experts: str | None = EXPERT
     moe_mlp: str | None = TENSOR
+    pages: str | None = None  # the paged KV cache's page pool
+    page: str | None = None  # positions within a page
 
     def __post_init__(self):
         for logical, mesh_axis in dataclasses.asdict(self).items():
@@ -207,6 +209,25 @@ def cache_shardings(cfg: GlmConfig, mesh: Mesh, cache_shape_tree: KVCache,
     out = KVCache(k=tuple(one(a, KV_AXES, f'cache k[{i}]') for i, a in enumerate(c.k)),
                   v=tuple(one(a, KV_AXES, f'cache v[{i}]') for i, a in enumerate(c.v)),
                   lengths=one(c.lengths, LENGTHS_AXES, 'cache lengths'))
+    for warning in sorted(w for w in warnings if w):
+        log.warning(warning)
+    return out
+
+
+def pages_shardings(cfg: GlmConfig, mesh: Mesh, pages, rules: Rules | str | None = None):
+    """NamedShardings, in the same tree, for a paged KV cache (glmjax/paged_inference.py's
+    KVPages: per layer [K, P, L, H] pools, laid out by PAGES_AXES: heads split as the
+    contiguous cache's)."""
+    from glmjax.paged_attention import PAGES_AXES
+    rules = get_rules(rules)
+    warnings = set()
+
+    def one(array):
+        spec, warning = partition_spec(rules, mesh, PAGES_AXES, array.shape, 'KV pages')
+        warnings.add(warning)
+        return NamedSharding(mesh, spec)
+
+    out = jax.tree.map(one, pages)
     for warning in sorted(w for w in warnings if w):
         log.warning(warning)
     return out
