@@ -10,6 +10,9 @@ from glmjax.config import GlmConfig
 # Heads before positions, so that attention reads each head's keys and values in place.
 KV_AXES = ('batch', 'kv_heads', 'seq', 'head_dim')
 LENGTHS_AXES = ('batch',)
+# The paged cache's pools (glmjax/paged_attention.py): [K, P, L, H] per layer, heads first
+# for the same reason.
+PAGES_AXES = ('kv_heads', 'pages', 'page', 'head_dim')
 
 
 @struct.dataclass

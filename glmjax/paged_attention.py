@@ -43,10 +43,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+# PAGES_AXES: the logical axes of each layer's k_pages and v_pages, mapped to the mesh like
+# the parameters (glmjax.sharding.pages_shardings).
+from glmjax.cache import PAGES_AXES  # noqa: F401
 from glmjax.config import GlmConfig
-
-# Logical axes of each layer's k_pages and v_pages, mapped to the mesh like the parameters.
-PAGES_AXES = ('kv_heads', 'pages', 'page', 'head_dim')
 
 IMPLS = ('reference', 'tpu_ragged', 'tpu_paged', 'gpu_paged')
 

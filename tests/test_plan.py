@@ -68,6 +68,10 @@ def test_glm46_bf16_fits_h200_with_expert_parallelism_but_not_h100():
     assert h200['fits']
     free = 141e9 - h200['weights_bytes_per_device'] - h200['temp_bytes_per_device']
     assert h200['kv_token_capacity'] == int(free // KV_PER_TOKEN) > 8192
+    # Paged: the same memory in pages of 16 tokens, each whole on every device (tensor=1).
+    assert h200['kv_page_bytes_per_device'] == 16 * KV_PER_TOKEN
+    assert h200['kv_page_token_capacity'] == int(free // (16 * KV_PER_TOKEN)) * 16
+    assert h200['sequences_of_max_seq_len'] == h200['kv_page_capacity'] // (8192 // 16)
     assert 0 < h200['temp_bytes_per_device'] < 10e9
 
     h100 = plan_json('--mesh', 'expert=8', '--device_memory_gb', '80', '--max_seq_len', '8192')
@@ -80,6 +84,7 @@ def test_glm46_fp8_fits_h100_with_tensor_parallelism():
     assert near(p['weights_bytes_per_device'], (PARAMS + EMBED_AND_HEAD) / 8)
     assert p['kv_bytes_per_token_per_device'] == KV_PER_TOKEN // 8  # 8 KV heads, 1 a device
     assert p['fits'] and p['kv_token_capacity'] > 32768
+    assert p['kv_page_bytes_per_device'] == 16 * KV_PER_TOKEN // 8  # heads split as the cache
     assert p['compiled_argument_bytes_per_device'] == p['expected_argument_bytes_per_device']
 
 

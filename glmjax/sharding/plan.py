@@ -45,6 +45,7 @@ from glmjax.config import ConfigError, GlmConfig
 from glmjax.inference import decode
 from glmjax.mesh_axes import DATA
 from glmjax.model import abstract_params, param_axes
+from glmjax.paged_inference import init_pages
 from glmjax.sharding.mesh import MeshError, check_axis_sizes, format_mesh, make_mesh, parse_mesh
 from glmjax.sharding.rules import (
     DEFAULT_RULES,
@@ -52,6 +53,7 @@ from glmjax.sharding.rules import (
     RulesError,
     cache_shardings,
     get_rules,
+    pages_shardings,
     param_shardings,
     partition_spec,
     with_shardings,
@@ -127,7 +129,7 @@ def compiled_sizes(cfg: GlmConfig, mesh, params: dict, kv_dtype, rules, batch: i
 
 def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
          weight_dtype='bf16', kv_dtype='bf16', max_batch: int = 1, max_seq_len: int = 32768,
-         rules: str = DEFAULT_RULES) -> dict:
+         rules: str = DEFAULT_RULES, page_size: int = 16) -> dict:
     """The plan as a dict (what --json prints). JAX must already see the mesh's devices."""
     mesh = make_mesh(axis_sizes)
     wdtype, kvdtype = WEIGHT_DTYPES[weight_dtype], KV_DTYPES[kv_dtype]
@@ -140,6 +142,11 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
     one_token = cache_shapes(cfg, data, 1, kvdtype)  # one token per row on each data shard
     one_token = with_shardings(one_token, cache_shardings(cfg, mesh, one_token, rules))
     kv_token_device = bytes_per_device((one_token.k, one_token.v))
+    # The paged engine (--engine=paged): one pool per layer, heads split as the cache's,
+    # pages not split, so every device holds a slice of every page.
+    one_page = jax.eval_shape(lambda: init_pages(cfg, 1, page_size, kvdtype))
+    page_device = bytes_per_device(with_shardings(
+        one_page, pages_shardings(cfg, mesh, one_page, rules)))
 
     full, smallest, counts = compiled_sizes(cfg, mesh, params, kvdtype, rules, max_batch,
                                             max_seq_len)
@@ -167,6 +174,12 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         'used_bytes_per_device': used,
         'fits': bool(used <= device_memory_bytes),
         'kv_token_capacity': int(max(free, 0) // kv_token_device * data),
+        'page_size': page_size,
+        'kv_page_bytes_per_device': page_device,
+        'kv_page_capacity': int(max(free, 0) // page_device),
+        'kv_page_token_capacity': int(max(free, 0) // page_device) * page_size,
+        'sequences_of_max_seq_len': int(max(free, 0) // page_device)
+        // -(-max_seq_len // page_size),
     }
 
 
@@ -191,6 +204,10 @@ def report(cfg_name: str, p: dict) -> str:
         f"KV capacity: ({g(p['device_memory_bytes']).strip()} - weights - temporaries) / "
         f"{p['kv_bytes_per_token_per_device']} B per token x data {p['mesh'][DATA]} = "
         f"{p['kv_token_capacity']:,} tokens",
+        f"paged (--engine=paged, pages of {p['page_size']}): {p['kv_page_capacity']:,} pages "
+        f"of {p['kv_page_bytes_per_device']:,} B on a device = "
+        f"{p['kv_page_token_capacity']:,} tokens, {p['sequences_of_max_seq_len']:,} "
+        f"sequences of {p['max_seq_len']:,} tokens at once (prefix sharing fits more)",
         f'compiled with {L} layers, extrapolated to the full depth: arguments '
         f"{g(p['compiled_argument_bytes_per_device']).strip()} (expected weights without "
         f"MTP + KV cache + tokens = {g(p['expected_argument_bytes_per_device']).strip()}); "
@@ -213,6 +230,7 @@ def define_flags() -> None:
     flags.DEFINE_enum('kv_dtype', 'bf16', list(KV_DTYPES), 'KV cache dtype')
     flags.DEFINE_integer('max_batch', 1, 'decode slots (rows of the KV cache)')
     flags.DEFINE_integer('max_seq_len', 32768, 'cache length of each row')
+    flags.DEFINE_integer('page_size', 16, 'tokens per KV page of the paged engine')
     flags.DEFINE_bool('json', False, 'print one JSON object instead of the report')
 
 
@@ -230,7 +248,7 @@ def main(argv):
         jax.config.update('jax_num_cpu_devices', math.prod(check_axis_sizes(axis_sizes)))
         cfg = load_config(f.config)
         result = plan(cfg, axis_sizes, f.device_memory_gb * GB, f.weight_dtype, f.kv_dtype,
-                      f.max_batch, f.max_seq_len, f.rules)
+                      f.max_batch, f.max_seq_len, f.rules, f.page_size)
     except (ConfigError, MeshError, RulesError) as e:
         sys.exit(f'glmjax-plan: {e}')
     print(json.dumps({'config': f.config, **result}) if f.json else report(f.config, result))

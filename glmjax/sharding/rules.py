@@ -17,7 +17,7 @@ import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glmjax.cache import KV_AXES, LENGTHS_AXES, KVCache
+from glmjax.cache import KV_AXES, LENGTHS_AXES, PAGES_AXES, KVCache
 from glmjax.config import GlmConfig
 from glmjax.mesh_axes import DATA, EXPERT, MESH_AXES, TENSOR
 from glmjax.model import abstract_params, has_mtp, param_axes
@@ -218,7 +218,6 @@ def pages_shardings(cfg: GlmConfig, mesh: Mesh, pages, rules: Rules | str | None
     """NamedShardings, in the same tree, for a paged KV cache (glmjax/paged_inference.py's
     KVPages: per layer [K, P, L, H] pools, laid out by PAGES_AXES: heads split as the
     contiguous cache's)."""
-    from glmjax.paged_attention import PAGES_AXES
     rules = get_rules(rules)
     warnings = set()
 
