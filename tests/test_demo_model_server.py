@@ -60,3 +60,15 @@ def test_the_readme_request_gets_readable_text(url):
     text = chat(url, [{'role': 'user', 'content': 'Hi'}])['message']['content'] or ''
     assert text.strip() and '\ufffd' not in text
     assert sum(c.isalpha() or c.isspace() for c in text) > 0.7 * len(text)
+
+
+def test_the_converted_demo_model_gives_the_same_tokens(tmp_path):
+    from glmjax import generate
+    from glmjax.convert.convert import convert
+    from glmjax.serving.server import DEMO_MODEL
+    convert(DEMO_MODEL, str(tmp_path / 'orbax'), dtype='fp32')
+    cfg, params, tok, _ = load_model()
+    cfg2, params2, tok2, _ = load_model(checkpoint=str(tmp_path / 'orbax'), dtype='float32')
+    prompt = tok.encode('def fibonacci(n):')
+    assert tok2.encode('def fibonacci(n):') == prompt
+    assert generate(cfg2, params2, [prompt], 24) == generate(cfg, params, [prompt], 24)
