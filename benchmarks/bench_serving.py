@@ -132,8 +132,8 @@ async def main_async():
     else:
         import grpc
 
-        from glmjax.serving.protos import load
-        pb2, pb2_grpc = load()
+        from glmjax.serving.protos import pb as pb2
+        from glmjax.serving.protos import pb_grpc as pb2_grpc
         channel = grpc.aio.insecure_channel(_URL.value)
         stub = pb2_grpc.GlmStub(channel)
         metadata = (('authorization', f'Bearer {_KEY.value}'),) if _KEY.value else ()
