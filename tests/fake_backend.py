@@ -79,18 +79,14 @@ class FakeBackend:
         return {'running': 1, 'waiting': 2, 'kv_cache_usage': 0.25}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(app):
     """Runs an ASGI app on a free localhost port in a thread; yields its base URL."""
-    port = free_port()
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))  # held from here on: no other server can take the port
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='error'))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:

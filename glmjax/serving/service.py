@@ -193,7 +193,10 @@ class GlmServer:
         workers = engine.max_batch + max_queue + 8  # every waiting stream holds a thread
         self.grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='glmjax-grpc'),
-            interceptors=[BearerAuth(api_key)] if api_key else [])
+            interceptors=[BearerAuth(api_key)] if api_key else [],
+            # gRPC shares ports by default (SO_REUSEPORT): a second server on the same port
+            # would silently take half the traffic. The port is ours alone.
+            options=[('grpc.so_reuseport', 0)])
         pb_grpc.add_GlmServicer_to_server(GlmServicer(self), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
