@@ -5,14 +5,25 @@ and call `check`, which range-checks every value that will reach the device, wit
 limits and the same messages (only the field path differs: gRPC nests sampling fields under
 `sampling.`). What passes `check` cannot fail on the engine thread: `slot_settings` turns it
 into the engine's per-slot settings.
+
+An output constraint (structured output, a forced tool call) is compiled here too, through the
+server's ConstraintCompiler, so that a schema feature it cannot enforce is refused before the
+request is queued (compiled grammars are cached: the engine's matcher costs nothing more);
+`engine_support` then refuses what the engine does not apply yet.
 """
 
 import dataclasses
 import math
 import random
+import threading
+import weakref
+from collections.abc import Sequence
 
 from glmjax.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
+from glmjax.serving.constraints import ConstraintCompiler, ConstraintSpec, UnsupportedConstraint
 from glmjax.serving.engine import MAX_STOP_IDS, SlotSettings
+from glmjax.serving.glm_parser import END_THINK, THINK
+from glmjax.serving.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 256
 MAX_N = 16  # choices per HTTP request, admitted all at once or not at all
@@ -20,12 +31,17 @@ MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 100.0  # repetition_penalty
 MAX_BIAS = 100.0  # |logit_bias| values, as OpenAI documents
 SEED_RANGE = 2 ** 64  # seeds in [-2**63, 2**64) are taken modulo 2**32
+MAX_REASONING_BUDGET = 2 ** 31 - 1
+ASSISTANT = '<|assistant|>'  # GLM's generation prompt
 
 
 class InvalidRequest(ValueError):
-    def __init__(self, field: str, message: str):
+    """`code`: the HTTP error code (None for a plain invalid value); 'unsupported_field' for
+    what this server cannot do, 'unsupported_constraint' for a constraint it cannot enforce."""
+
+    def __init__(self, field: str, message: str, code: str | None = None):
         super().__init__(f'{field}: {message}')
-        self.field, self.message = field, message
+        self.field, self.message, self.code = field, message, code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +69,15 @@ class GenRequest:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
     ignore_eos: bool = False
+    # What the answer must be (a JSON schema, a regex, a tool call...); None: free text.
+    constraint: ConstraintSpec | None = None
+    # The prompt leaves the model about to reason (GLM thinking on, see starts_in_reasoning):
+    # the reasoning is free and the constraint applies after `</think>`; False: from the
+    # first generated token.
+    reasoning: bool = False
+    # At most this many reasoning tokens, then `</think>` is forced; None: no cap. Without
+    # `reasoning` there is no reasoning to cap: the budget is met, and the engine ignores it.
+    reasoning_budget: int | None = None
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -84,9 +109,25 @@ def check_prompt(ids: list[int], limits: Limits, tokens_field: str = 'prompt') -
            f'{limits.max_seq_len} tokens (--max_seq_len, or what the KV cache holds)')
 
 
+def starts_in_reasoning(prompt_text: str) -> bool:
+    """Whether a GLM model continuing this prompt reasons first: the prompt ends with the
+    assistant turn just opened (thinking on: the model writes `<think>` itself) or inside an
+    unclosed `<think>`. With thinking off GLM's templates close the block in the prompt
+    (`<think></think>`), and a prompt that is no chat turn has neither: the constraint then
+    applies from the first token. Both APIs decide it from the prompt, the same way."""
+    _, assistant, turn = prompt_text.rpartition(ASSISTANT)
+    if assistant and not turn.strip():
+        return True
+    tail = turn if assistant else prompt_text
+    return tail.rfind(THINK) > tail.rfind(END_THINK)
+
+
 def check(r: GenRequest, limits: Limits, sampling_prefix: str = '',
-          tokens_field: str = 'prompt') -> None:
-    """Raises InvalidRequest naming the first field at fault."""
+          tokens_field: str = 'prompt', constraint_field: str = 'constraint',
+          budget_field: str = 'reasoning_budget',
+          compiler: ConstraintCompiler | None = None) -> None:
+    """Raises InvalidRequest naming the first field at fault. A constraint is compiled with
+    `compiler` (None: this server cannot compile one, and the request is refused)."""
     check_prompt(r.prompt_ids, limits, tokens_field)
     room = limits.max_seq_len - len(r.prompt_ids)
     if r.max_tokens is not None:
@@ -124,6 +165,67 @@ def check(r: GenRequest, limits: Limits, sampling_prefix: str = '',
            f'{len(stop_ids(r, limits))}')
     if r.logprobs is not None:
         _integer(r.logprobs, 'top_logprobs', 0, TOP_LOGPROBS)
+    if r.reasoning_budget is not None:
+        _integer(r.reasoning_budget, budget_field, 0, MAX_REASONING_BUDGET)
+    if r.constraint is not None:
+        # A complete constrained output allows only the eos ids next: ignoring them would
+        # leave the sequence nothing to generate.
+        _check(not r.ignore_eos, 'ignore_eos', f'cannot be combined with {constraint_field}: '
+               'a constrained output ends at an eos id once complete')
+        check_constraint(r.constraint, compiler, constraint_field)
+
+
+def check_constraint(spec: ConstraintSpec, compiler: ConstraintCompiler | None,
+                     field: str) -> None:
+    """Compiles `spec` (cached by the compiler); what it cannot enforce is refused, naming
+    the feature, never relaxed."""
+    if compiler is None:
+        raise InvalidRequest(field, 'structured output is not available on this server: it '
+                             'has no grammar compiler for its tokenizer (one needs a '
+                             'tokenizer.json)', 'unsupported_field')
+    try:
+        compiler.compile(spec)
+    except UnsupportedConstraint as e:
+        what = str(e) if e.feature == spec.kind else f'cannot enforce {e.feature!r}: {e}'
+        raise InvalidRequest(field, what, 'unsupported_constraint') from None
+
+
+def engine_support(r: GenRequest, supported: bool, constraint_field: str = 'constraint',
+                   budget_field: str = 'reasoning_budget') -> None:
+    """The one place that refuses a request the engine cannot apply yet: constraints and
+    reasoning budgets need the engine to mask logits. Both APIs call it as they hand the
+    request to the server; `supported` is GlmServer.constrained_decoding."""
+    if supported:
+        return
+    refused = 'is not available on this server yet; the request is refused rather than ' \
+              'answered without it'
+    if r.constraint is not None:
+        raise InvalidRequest(constraint_field, f'structured output {refused}',
+                             'unsupported_field')
+    if r.reasoning_budget is not None and r.reasoning:
+        raise InvalidRequest(budget_field, f'a reasoning budget {refused}', 'unsupported_field')
+
+
+# One compiler per tokenizer, shared by both APIs (the gRPC service and the HTTP backend hold
+# the same Tokenizer), so that they share its cache of compiled grammars too. Built on first
+# use: it reads the whole vocabulary, which a server that never sees a constraint skips.
+_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+def constraint_compiler(tokenizer: Tokenizer, vocab_size: int,
+                        eos_ids: Sequence[int]) -> ConstraintCompiler | None:
+    """The compiler for this tokenizer and model vocabulary, the eos ids ending a complete
+    output; None when the tokenizer cannot have one (a sentencepiece model)."""
+    key = (vocab_size, tuple(eos_ids))
+    with _compilers_lock:
+        per_tokenizer = _compilers.setdefault(tokenizer, {})
+        if key not in per_tokenizer:
+            try:
+                per_tokenizer[key] = ConstraintCompiler(tokenizer, vocab_size, key[1])
+            except ValueError:  # UnsupportedConstraint: not a tokenizer.json tokenizer
+                per_tokenizer[key] = None
+        return per_tokenizer[key]
 
 
 def stop_ids(r: GenRequest, limits: Limits) -> tuple[int, ...]:

@@ -6,8 +6,10 @@ import json
 import time
 import uuid
 
+from glmjax.serving import contract
 from glmjax.serving import openai_types as T
 from glmjax.serving.chat import ChatError
+from glmjax.serving.constraints import ConstraintSpec, UnsupportedConstraint
 from glmjax.serving.glm_parser import GlmOutputParser
 from glmjax.serving.http_common import (
     MAX_TOOLS,
@@ -15,12 +17,13 @@ from glmjax.serving.http_common import (
     MEDIA_PARTS,
     ApiError,
     Backend,
+    Constraint,
     TokenLogprob,
     check_unsupported,
     close_all,
     gen_requests,
     no_surrogates,
-    not_yet,
+    output_constraint,
     sse,
     usage,
 )
@@ -85,7 +88,10 @@ def _check_tool_calls(calls, where: str):
                            f'{where}[{j}]')
 
 
-def _tools_for(body: T.ChatRequest) -> list[dict] | None:
+def _tools_for(body: T.ChatRequest) -> tuple[list[dict] | None, Constraint | None]:
+    """The tools the prompt offers, and the tool-call constraint a forced tool_choice asks
+    for ("required": one or more calls of any tool; a named function: exactly one call of
+    it), whose argument values follow each tool's parameter schema."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
     if tools and len(tools) > MAX_TOOLS:
         raise ApiError(400, f'at most {MAX_TOOLS} tools, got {len(tools)}', 'tools')
@@ -94,7 +100,8 @@ def _tools_for(body: T.ChatRequest) -> list[dict] | None:
                        'tools')
     choice = body.tool_choice
     if choice == 'none':
-        return None
+        return None, None
+    name = None
     if isinstance(choice, dict):
         fn = choice.get('function')
         if choice.get('type', 'function') != 'function' or not isinstance(fn, dict) \
@@ -104,13 +111,17 @@ def _tools_for(body: T.ChatRequest) -> list[dict] | None:
         if not any((t.get('function') or {}).get('name') == fn['name'] for t in tools or []):
             raise ApiError(400, f'tool_choice names function {fn["name"]!r}, which is not in '
                            'tools', 'tool_choice')
-        raise not_yet('tool_choice', 'forcing a named function')
-    if choice == 'required':
-        if not tools:
-            raise ApiError(400, 'tool_choice is required but no tools were given',
-                           'tool_choice')
-        raise not_yet('tool_choice', '"required" (forcing a tool call)')
-    return tools
+        name = fn['name']
+    elif choice == 'required' and not tools:
+        raise ApiError(400, 'tool_choice is required but no tools were given', 'tool_choice')
+    elif choice != 'required':  # "auto" or unset: the model decides
+        return tools, None
+    try:
+        spec = ConstraintSpec.tool_call(tools, name)
+    except UnsupportedConstraint as e:  # a tool the grammar cannot name (e.g. a space in it)
+        param = e.feature if e.feature.startswith('tools') else 'tool_choice'
+        raise ApiError(400, f'{param}: {e}', param) from None
+    return tools, Constraint('tool_choice', spec)
 
 
 def _template_kwargs(body: T.ChatRequest) -> dict:
@@ -134,25 +145,32 @@ def _logprob_count(body: T.ChatRequest) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _render_and_encode(backend: Backend, messages, tools, kwargs) -> list[int]:
+def _render_and_encode(backend: Backend, messages, tools, kwargs) -> tuple[str, list[int]]:
     try:
         text = backend.chat_template.render(messages, tools=tools, **kwargs)
     except ChatError as e:
         raise ApiError(400, str(e), 'messages') from None
-    return backend.encode(text)
+    return text, backend.encode(text)
 
 
 async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
-    no_surrogates(body.model_dump(exclude_unset=True), '')
+    no_surrogates(body.model_dump(exclude_unset=True, by_alias=True), '')
     check_unsupported(body)
     messages = _check_messages(body.messages)
-    tools = _tools_for(body)
+    tools, tool_call = _tools_for(body)
+    constraint = output_constraint(body, tool_call)
     kwargs = _template_kwargs(body)
     # Rendering and tokenizing a long prompt takes a while: not on the event loop.
-    prompt = await asyncio.to_thread(_render_and_encode, backend, messages, tools, kwargs)
+    text, prompt = await asyncio.to_thread(_render_and_encode, backend, messages, tools,
+                                           kwargs)
     n_logprobs, style = _logprob_count(body)
-    requests = gen_requests(backend, body, prompt, body.max_completion_tokens or
-                             body.max_tokens, n_logprobs, 'messages')
+    # Thinking on or off is what the template made of the prompt (enable_thinking): with it
+    # on the model reasons first, and a constraint or budget applies after its </think>.
+    budget = None if body.reasoning is None else body.reasoning.max_tokens
+    # Off the event loop: a constraint is compiled here.
+    requests = await asyncio.to_thread(
+        gen_requests, backend, body, prompt, body.max_completion_tokens or body.max_tokens,
+        n_logprobs, 'messages', constraint, contract.starts_in_reasoning(text), budget)
     rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
     handles = backend.generate_all(requests)
     streams = [metrics.track(h, len(prompt)) for h in handles]

@@ -1,12 +1,12 @@
 """What the HTTP endpoints share: the `Backend` they talk to, its events, OpenAI-style
-errors, and turning a request's sampling fields into the one request type of both APIs
-(glmjax/serving/contract.py)."""
+errors, and turning a request's sampling fields and output constraint into the one request
+type of both APIs (glmjax/serving/contract.py)."""
 
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glmjax.serving import contract
 from glmjax.serving import openai_types as T
 from glmjax.serving.chat import ChatTemplate
+from glmjax.serving.constraints import ConstraintCompiler, ConstraintSpec, UnsupportedConstraint
 from glmjax.serving.contract import GenRequest, InvalidRequest, Limits
+from glmjax.serving.service import GlmServer
 
 
 @dataclasses.dataclass
@@ -45,7 +47,7 @@ class ApiError(Exception):
 
     @classmethod
     def invalid(cls, e: InvalidRequest) -> 'ApiError':
-        return cls(400, str(e), e.field)
+        return cls(400, str(e), e.field, e.code)
 
     def response(self) -> JSONResponse:
         headers = {} if self.retry_after is None else {'Retry-After': str(self.retry_after)}
@@ -60,6 +62,11 @@ class Backend(Protocol):
     vocab_size: int
     eos_ids: tuple[int, ...]
     chat_template: ChatTemplate
+    # Optional (read with getattr): the grammar compiler of the model's tokenizer (without
+    # one, and without a `tokenizer` to build it from, constrained requests are refused),
+    # and whether the engine applies constraints (default: GlmServer.constrained_decoding).
+    constraints: ConstraintCompiler | None
+    constrained_decoding: bool
 
     def ready(self) -> bool: ...
     def draining(self) -> bool: ...
@@ -123,25 +130,145 @@ def not_yet(field: str, what: str) -> ApiError:
 
 def check_unsupported(body: T.Sampling) -> None:
     """Fields the server cannot honour yet are errors, never silently ignored."""
-    fmt = body.response_format
-    if fmt is not None and fmt.get('type') != 'text':
-        raise not_yet('response_format', 'structured output (json_object, json_schema)')
     if body.safety_model is not None:
         raise not_yet('safety_model', 'moderation by a safety model')
-    for field in ('structured_outputs', 'guided_json', 'guided_regex', 'guided_choice',
-                  'guided_grammar'):
-        if getattr(body, field) is not None:
-            raise not_yet(field, 'constrained decoding')
-    reasoning = getattr(body, 'reasoning', None)
-    if reasoning is not None and reasoning.max_tokens is not None:
-        raise not_yet('reasoning.max_tokens', 'a reasoning budget')
+
+
+# ---- output constraints: what a request may ask its answer to be --------------------------
+
+class Constraint(NamedTuple):
+    field: str  # the request field that asked for it, named in errors
+    spec: ConstraintSpec
+
+
+FORMAT_NAME = re.compile(r'[A-Za-z0-9_-]{1,64}')  # OpenAI's rule for json_schema.name
+
+
+def make_spec(make: Callable[[], ConstraintSpec], field: str) -> ConstraintSpec:
+    """A ConstraintSpec constructor's refusal (a malformed value) as a 400 naming `field`."""
+    try:
+        return make()
+    except UnsupportedConstraint as e:
+        raise ApiError(400, f'{field}: {e}', field) from None
+
+
+def _schema_of(value, field: str) -> ConstraintSpec:
+    """A JSON schema given as an object or as its JSON text (vLLM accepts both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f'{field}: not valid JSON: {e}', field) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f'{field}: must be a JSON schema (an object, or its JSON text)',
+                       field)
+    return make_spec(lambda: ConstraintSpec.json_schema(value), field)
+
+
+def response_format(fmt: T.ResponseFormat | None) -> ConstraintSpec | None:
+    """OpenAI's and Together's response_format; None for text (or none)."""
+    field = 'response_format'
+    if fmt is None:
+        return None
+    nested = fmt.json_schema
+    if fmt.type != 'json_schema' and nested is not None:
+        raise ApiError(400, f'{field}.json_schema: only with type "json_schema"',
+                       f'{field}.json_schema')
+    if fmt.type == 'text':
+        if fmt.schema_ is not None:
+            raise ApiError(400, f'{field}.schema: type "text" takes no schema', f'{field}.schema')
+        return None
+    if fmt.type == 'json_object' and fmt.schema_ is None:
+        return ConstraintSpec.json_object()
+    # json_schema (OpenAI: json_schema.schema; Together: schema), or Together's older
+    # {"type": "json_object", "schema": {...}}.
+    if nested is not None and nested.name is not None and not FORMAT_NAME.fullmatch(nested.name):
+        raise ApiError(400, f'{field}.json_schema.name: letters, digits, _ and - only, at most '
+                       '64', f'{field}.json_schema.name')
+    inner = None if nested is None else nested.schema_
+    if inner is not None and fmt.schema_ is not None:
+        raise ApiError(400, f'{field}: give the schema in json_schema.schema or in schema, not '
+                       'both', field)
+    if inner is None and fmt.schema_ is None:
+        where = f'{field}.json_schema.schema' if nested is not None else f'{field}.json_schema'
+        raise ApiError(400, f'{where}: a json_schema response format needs a schema', where)
+    return _schema_of(fmt.schema_ if inner is None else inner, field)
+
+
+def _vllm_spec(key: str, value, field: str) -> ConstraintSpec:
+    if key == 'json':
+        return _schema_of(value, field)
+    if key == 'regex':
+        return make_spec(lambda: ConstraintSpec.regex(value), field)
+    if key == 'choice':
+        return make_spec(lambda: ConstraintSpec.choice(value), field)
+    return make_spec(lambda: ConstraintSpec.grammar(value), field)  # grammar
+
+
+def structured_outputs(so: T.StructuredOutputs | None) -> ConstraintSpec | None:
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+    field = 'structured_outputs'
+    if so is None:
+        return None
+    for key, value in (so.model_extra or {}).items():
+        if value is not None:  # whitespace, fallback and backend options: not ours to relax
+            raise not_yet(f'{field}.{key}', f'the structured_outputs option {key!r}')
+    given = {k: v for k, v in (('json', so.json_), ('regex', so.regex), ('choice', so.choice),
+                               ('grammar', so.grammar)) if v is not None}
+    if so.json_object:
+        given['json_object'] = True
+    if len(given) != 1:
+        raise ApiError(400, f'{field}: set exactly one of json, regex, choice, grammar or '
+                       f'json_object, got {", ".join(given) or "none"}', field)
+    (key, value), = given.items()
+    if key == 'json_object':
+        return ConstraintSpec.json_object()
+    return _vllm_spec(key, value, f'{field}.{key}')
+
+
+def output_constraint(body: T.Sampling, tool_call: Constraint | None = None
+                      ) -> Constraint | None:
+    """The one output constraint of a request, from whichever field asked for it (chat
+    passes a forced tool_choice); two are a 400."""
+    asked = [] if tool_call is None else [tool_call]
+    for field, spec in (('response_format', response_format(body.response_format)),
+                        ('structured_outputs', structured_outputs(body.structured_outputs))):
+        if spec is not None:
+            asked.append(Constraint(field, spec))
+    for key in ('json', 'regex', 'choice', 'grammar'):
+        value = getattr(body, f'guided_{key}')
+        if value is not None:
+            asked.append(Constraint(f'guided_{key}', _vllm_spec(key, value, f'guided_{key}')))
+    if len(asked) > 1:
+        raise ApiError(400, f'{asked[1].field}: cannot be combined with {asked[0].field}: a '
+                       'request takes one output constraint', asked[1].field)
+    return asked[0] if asked else None
+
+
+def compiler_of(backend: Backend) -> ConstraintCompiler | None:
+    compiler = getattr(backend, 'constraints', None)
+    tokenizer = getattr(backend, 'tokenizer', None)
+    if compiler is None and tokenizer is not None:  # the serving backend: GlmServer's own
+        compiler = contract.constraint_compiler(tokenizer, backend.vocab_size, backend.eos_ids)
+    return compiler
+
+
+def constrained_decoding(backend: Backend) -> bool:
+    supported = getattr(backend, 'constrained_decoding', None)
+    return GlmServer.constrained_decoding if supported is None else bool(supported)
 
 
 LOGIT_BIAS_KEY = re.compile(r'-?[0-9]{1,12}')
 
 
 def gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_tokens,
-                  logprobs: int | None, param: str) -> list[GenRequest]:
+                  logprobs: int | None, param: str, constraint: Constraint | None = None,
+                  reasoning: bool = False, reasoning_budget: int | None = None
+                  ) -> list[GenRequest]:
+    """The request's `n` GenRequests, checked. `reasoning`: the prompt leaves the model
+    about to reason (contract.starts_in_reasoning), so a constraint starts after it. A
+    constraint is compiled here (the first one also builds the compiler, which reads the
+    whole vocabulary): callers run this off the event loop."""
     if len(prompt) >= backend.max_context:
         raise ApiError(400, f'the prompt is {len(prompt)} tokens; the context is '
                        f'{backend.max_context}', param, 'context_length_exceeded')
@@ -165,12 +292,18 @@ def gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_toke
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=bias, stop=stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
+        logit_bias=bias, stop=stop, logprobs=logprobs, ignore_eos=body.ignore_eos,
+        constraint=None if constraint is None else constraint.spec, reasoning=reasoning,
+        reasoning_budget=reasoning_budget)
+    fields = {'constraint_field': 'constraint' if constraint is None else constraint.field,
+              'budget_field': 'reasoning.max_tokens'}
+    compiler = None if constraint is None else compiler_of(backend)
     try:
-        contract.check(base, limits(backend))
+        contract.check(base, limits(backend), compiler=compiler, **fields)
         if body.seed is not None:
             contract.check(dataclasses.replace(base, seed=body.seed + body.n - 1),
-                           limits(backend))
+                           limits(backend), compiler=compiler, **fields)
+        contract.engine_support(base, constrained_decoding(backend), **fields)
     except InvalidRequest as e:
         raise ApiError.invalid(e) from None
     return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + i)

@@ -13,6 +13,7 @@ from glmjax.serving.http_common import (
     close_all,
     gen_requests,
     no_surrogates,
+    output_constraint,
     prompts_of,
     sse,
     usage,
@@ -21,8 +22,9 @@ from glmjax.serving.metrics import Metrics
 
 
 async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequest):
-    no_surrogates(body.model_dump(exclude_unset=True), '')
+    no_surrogates(body.model_dump(exclude_unset=True, by_alias=True), '')
     check_unsupported(body)
+    constraint = output_constraint(body)
     if body.suffix:
         raise ApiError(400, 'suffix is not supported: GLM-4.6 has no fill-in-the-middle mode',
                        'suffix')
@@ -31,11 +33,21 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
         raise ApiError(400, f'{len(prompts)} prompts x n={body.n} is more than '
                        f'{contract.MAX_N} choices', 'prompt')
     rid, created = f'cmpl-{uuid.uuid4().hex}', int(time.time())
-    requests, owners = [], []
-    for p in prompts:
-        for r in gen_requests(backend, body, p, body.max_tokens, body.logprobs, 'prompt'):
-            requests.append(r)
-            owners.append(p)
+
+    def checked():  # off the event loop: a constraint is compiled here
+        requests, owners = [], []
+        for p in prompts:
+            # A raw prompt that opens GLM's assistant turn leaves the model reasoning first,
+            # as a chat prompt with thinking on does: the constraint applies after </think>.
+            reasoning = constraint is not None and contract.starts_in_reasoning(
+                backend.decode(p))
+            for r in gen_requests(backend, body, p, body.max_tokens, body.logprobs, 'prompt',
+                                  constraint, reasoning):
+                requests.append(r)
+                owners.append(p)
+        return requests, owners
+
+    requests, owners = await asyncio.to_thread(checked)
     handles = backend.generate_all(requests)
     jobs = [(p, metrics.track(h, len(p))) for p, h in zip(owners, handles)]
     n_prompt = sum(len(p) for p in prompts) * body.n

@@ -3,7 +3,9 @@
 Unknown fields are ignored (clients send many); wrong types are 400s that name the field.
 The ranges of the sampling fields are checked by glmjax/serving/contract.py, the same for
 gRPC and HTTP. Fields the server cannot honour yet are declared here so that using them is a
-400 that says so, never silently ignored.
+400 that says so, never silently ignored. Output constraints (response_format,
+structured_outputs, the guided_* fields, a forced tool_choice) are typed loosely here and
+checked by http_common.output_constraint, whose 400s name the exact field at fault.
 """
 
 from typing import Any, Literal
@@ -21,7 +23,41 @@ class StreamOptions(_Body):
 
 class Reasoning(_Body):
     enabled: bool = True
-    max_tokens: int | None = None  # a reasoning budget: refused until it is implemented
+    # A reasoning budget: at most this many thinking tokens, then `</think>` is forced.
+    max_tokens: int | None = Field(None, description='at most this many reasoning tokens, '
+                                   'then the answer begins')
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's `json_schema`: the answer is JSON that validates against `schema`."""
+    name: str | None = Field(None, description='a-z, A-Z, 0-9, _ and -, at most 64')
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias='schema')
+    # Always enforced exactly, whatever `strict` says (a schema feature that cannot be
+    # enforced is a 400, never relaxed).
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """{"type": "text"} (no constraint), {"type": "json_object"} (any JSON object),
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (OpenAI), or
+    Together's {"type": "json_schema", "schema": {...}} (also with type json_object)."""
+    type: Literal['text', 'json_object', 'json_schema']
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias='schema')  # Together's spelling
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's extension: exactly one of json (a JSON schema, or its JSON text), regex (the
+    whole answer matches it), choice (the answer is one of the strings), grammar (Lark in
+    llguidance's dialect, or GBNF), json_object (true: any JSON object). Other options are
+    refused by name, not ignored."""
+    model_config = ConfigDict(extra='allow')
+    json_: dict[str, Any] | str | None = Field(None, alias='json')
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class Sampling(_Body):
@@ -42,14 +78,16 @@ class Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks with fixed output lengths
-    # Not honoured yet: a request that sets any of these is refused (400).
-    response_format: dict[str, Any] | None = None
-    safety_model: str | None = None
-    structured_outputs: dict[str, Any] | None = None
-    guided_json: Any = None
+    # Output constraints: at most one of these per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spelling of structured_outputs' json, regex, choice and grammar.
+    guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Not honoured yet: a request that sets it is refused (400).
+    safety_model: str | None = None
 
 
 class FunctionDef(BaseModel):

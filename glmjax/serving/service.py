@@ -19,7 +19,17 @@ from grpc_reflection.v1alpha import reflection
 
 from glmjax.config import GlmConfig
 from glmjax.serving import protos
-from glmjax.serving.contract import GenRequest, InvalidRequest, Limits, check, slot_settings
+from glmjax.serving.constraints import ConstraintSpec, UnsupportedConstraint
+from glmjax.serving.contract import (
+    GenRequest,
+    InvalidRequest,
+    Limits,
+    check,
+    constraint_compiler,
+    engine_support,
+    slot_settings,
+    starts_in_reasoning,
+)
 from glmjax.serving.engine import Engine
 from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
 from glmjax.serving.protos import pb, pb_grpc
@@ -30,6 +40,53 @@ log = logging.getLogger(__name__)
 FINISH = {'stop': pb.STOP, 'length': pb.LENGTH, 'cancelled': pb.CANCELLED}
 
 
+def _spec(make, field: str) -> ConstraintSpec:
+    try:
+        return make()
+    except UnsupportedConstraint as e:  # a malformed value
+        raise InvalidRequest(field, str(e)) from None
+
+
+def _json_object(text: str, field: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(field, f'not valid JSON: {e}') from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, 'must be a JSON schema (an object)')
+    return value
+
+
+def constraint_of(msg) -> ConstraintSpec | None:
+    """The `constraint` oneof of a GenerateRequest; InvalidRequest names the member at
+    fault (tool_call.tools[i]... inside a tool call)."""
+    kind = msg.WhichOneof('constraint')
+    if kind is None:
+        return None
+    if kind == 'json_schema':
+        schema = _json_object(msg.json_schema, kind)
+        return _spec(lambda: ConstraintSpec.json_schema(schema), kind)
+    if kind == 'json_object':
+        if not msg.json_object:
+            raise InvalidRequest(kind, 'set it to true, or leave the constraint unset')
+        return ConstraintSpec.json_object()
+    if kind == 'regex':
+        return _spec(lambda: ConstraintSpec.regex(msg.regex), kind)
+    if kind == 'choice':
+        return _spec(lambda: ConstraintSpec.choice(list(msg.choice.choices)), kind)
+    if kind == 'grammar':
+        return _spec(lambda: ConstraintSpec.grammar(msg.grammar), kind)
+    call = msg.tool_call  # tool_call
+    tools = [{'name': t.name, 'parameters': _json_object(
+        t.parameters, f'tool_call.tools[{i}].parameters') if t.parameters else None}
+        for i, t in enumerate(call.tools)]
+    try:
+        return ConstraintSpec.tool_call(tools, call.name or None)
+    except UnsupportedConstraint as e:
+        where = 'tool_call.name' if e.feature == 'tool_choice' else f'tool_call.{e.feature}'
+        raise InvalidRequest(where, str(e)) from None
+
+
 def gen_request(msg, tokenizer: Tokenizer) -> GenRequest:
     """The GenerateRequest as the one request type; `contract.check` validates it."""
     if msg.text and msg.token_ids:
@@ -38,6 +95,13 @@ def gen_request(msg, tokenizer: Tokenizer) -> GenRequest:
         raise InvalidRequest('prompt', "empty: set 'text' or 'token_ids'")
     s = msg.sampling
     ids = list(msg.token_ids) if msg.token_ids else tokenizer.encode(msg.text)
+    constraint = constraint_of(msg)
+    budget = msg.reasoning_budget if msg.HasField('reasoning_budget') else None
+    # Whether the model reasons first, from the prompt as both APIs decide it (only asked
+    # when it matters: decoding a long token prompt is not free). Ids outside the vocabulary
+    # cannot be decoded; `check` refuses them.
+    reasoning = (constraint is not None or budget is not None) and starts_in_reasoning(
+        msg.text or tokenizer.decode([t for t in ids if 0 <= t < tokenizer.vocab_size]))
     return GenRequest(
         prompt_ids=ids, max_tokens=msg.max_tokens or None,
         temperature=s.temperature if s.HasField('temperature') else 1.0,
@@ -47,17 +111,29 @@ def gen_request(msg, tokenizer: Tokenizer) -> GenRequest:
         logit_bias=dict(s.logit_bias), seed=s.seed if s.HasField('seed') else None,
         stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
         logprobs=msg.top_logprobs if (msg.logprobs or msg.top_logprobs) else None,
-        ignore_eos=msg.ignore_eos)
+        ignore_eos=msg.ignore_eos, constraint=constraint, reasoning=reasoning,
+        reasoning_budget=budget)
 
 
 def build_request(msg, tokenizer: Tokenizer, limits: Limits,
-                  deadline: float | None = None) -> Request:
-    """Checks every field of a GenerateRequest; InvalidRequest names the one at fault."""
+                  deadline: float | None = None,
+                  constrained_decoding: bool | None = None) -> Request:
+    """Checks every field of a GenerateRequest; InvalidRequest names the one at fault.
+    constrained_decoding: whether the engine applies constraints (None: the GlmServer
+    default, as the HTTP front reads it)."""
     if msg.max_tokens < 0:
         raise InvalidRequest('max_tokens', f'must be >= 0, got {msg.max_tokens}')
     r = gen_request(msg, tokenizer)
+    fields = {'constraint_field': msg.WhichOneof('constraint') or 'constraint',
+              'budget_field': 'reasoning_budget'}
+    compiler = None if r.constraint is None else constraint_compiler(
+        tokenizer, limits.vocab_size, limits.eos_ids)
     check(r, limits, sampling_prefix='sampling.',
-          tokens_field='token_ids' if msg.token_ids else 'prompt')
+          tokens_field='token_ids' if msg.token_ids else 'prompt', compiler=compiler,
+          **fields)
+    if constrained_decoding is None:
+        constrained_decoding = GlmServer.constrained_decoding
+    engine_support(r, constrained_decoding, **fields)
     return Request(r.prompt_ids, slot_settings(r, limits), tokenizer, tuple(r.stop),
                    r.logprobs or 0, deadline)
 
@@ -180,6 +256,11 @@ class BearerAuth(grpc.ServerInterceptor):
 class GlmServer:
     """The gRPC server around one engine. start() listens at once (health NOT_SERVING);
     warmup() compiles and turns health to SERVING; shutdown() drains then stops."""
+
+    # Whether the engine applies output constraints and reasoning budgets (token masks).
+    # Until it does, both APIs refuse a request that asks for one (contract.engine_support),
+    # rather than answer it unconstrained. The engine integration turns this on.
+    constrained_decoding = False
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, cfg: GlmConfig, model_name: str,
                  max_queue: int, host: str = '127.0.0.1', port: int = 0,
