@@ -27,9 +27,16 @@ RPC_TIMEOUT = 60  # seconds: every call is bounded
 
 
 class SlowEngine(GlmEngine):
-    """A device that takes 0.1 s per call, so that requests stay in their slots a while."""
+    """A device that takes 0.1 s per call, so that requests stay in their slots a while;
+    clearing `running` holds every call until it is set again (however slow the machine)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.running = threading.Event()
+        self.running.set()
 
     def generate(self):
+        self.running.wait()
         time.sleep(0.1)
         return super().generate()
 
@@ -387,7 +394,8 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
     try:
         for _ in range(MAX_BATCH):
             streams.append(stub.Generate(long, timeout=RPC_TIMEOUT, metadata=KEY))
-            next(streams[-1])  # running in a slot (each runs for about 3 s)
+            next(streams[-1])  # running in a slot
+        guarded.server.engine.running.clear()  # and there they stay until the end
         streams.append(stub.Generate(long, timeout=RPC_TIMEOUT, metadata=KEY))
         end = time.monotonic() + 10
         while stub.GetModelInfo(pb.ModelInfoRequest(), metadata=KEY,
@@ -414,6 +422,7 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
         finally:
             front.stop()
     finally:
+        guarded.server.engine.running.set()
         for s in streams:
             s.cancel()
     info = wait_idle(stub, timeout=10, metadata=KEY)
