@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from glmjax.token_mask import apply_token_bitmask
+
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request
 TOP_LOGPROBS = 20  # alternatives computed per token (OpenAI's limit); 0..TOP_LOGPROBS
 
@@ -92,11 +94,15 @@ def row_keys(seed: jax.Array, index: jax.Array) -> jax.Array:
 
 @jax.jit  # called outside jit too (after prefill): eagerly, each lax.cond would recompile
 def sample(logits: jax.Array, s: SamplingParams, counts: jax.Array, prompt_mask: jax.Array,
-           index: jax.Array):
+           index: jax.Array, allowed: jax.Array | None = None):
     """logits fp32 [B, V] -> (tokens [B] i32, their logprobs [B], top ids [B, TOP_LOGPROBS],
-    top logprobs [B, TOP_LOGPROBS]). index [B]: the output position being sampled."""
+    top logprobs [B, TOP_LOGPROBS]). index [B]: the output position being sampled.
+    allowed: a constrained-decoding bitmask [B, ceil(V / 32)] (glmjax.token_mask); the
+    tokens it disallows are never drawn, and the logprobs stay the model's own."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     logits = apply_penalties(logits, s, counts, prompt_mask)
+    if allowed is not None:
+        logits = apply_token_bitmask(logits, allowed)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # The sort behind top_k/top_p/min_p costs O(V log V) per row: skip it when no row cuts.
     cuts = (s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))

@@ -1,6 +1,7 @@
 """The paged engine: its forward equals the contiguous one, its tokens equal `generate` and
-GlmEngine's, prefix caching changes no output, every page comes back, and a step runs only
-the active rows.
+GlmEngine's, prefix caching changes no output, every page comes back, a step runs only the
+active rows, a long prompt is computed across steps while the others decode, and a pool too
+small for everyone preempts without changing any output.
 
 Every engine here has the same pool, page table and chunk shapes, so the compiled steps are
 shared across tests (the tiny model still takes seconds to compile each)."""
@@ -17,7 +18,6 @@ from glmjax.inference import prefill
 from glmjax.model import init_params
 from glmjax.paged_inference import init_pages, paged_forward
 from glmjax.serving.engine import GlmEngine, SlotSettings
-from glmjax.serving.kv_pages import OutOfPages
 from glmjax.serving.paged_engine import PagedEngine
 
 PAGE, CHUNK, MAX_SEQ, PAGES = 8, 12, 64, 48  # chunks of 12 are not aligned to pages of 8
@@ -32,7 +32,7 @@ def model():
 def engine(model, **kw) -> PagedEngine:
     cfg, params = model
     kw = dict(max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3, page_size=PAGE,
-              num_pages=PAGES, prefill_chunk=CHUNK) | kw
+              num_pages=PAGES, max_num_batched_tokens=CHUNK) | kw
     return PagedEngine(cfg, params, **kw)
 
 
@@ -41,21 +41,31 @@ def prompts(lengths, seed=0):
     return [rng.randint(0, 1000, n).tolist() for n in lengths]
 
 
+def collect(eng, out, settings, free_done=False):
+    """Runs `generate` until every slot has its max_new tokens; appends them to out.
+    free_done: frees each slot once it has them, as the orchestrator does."""
+    while any(len(o) < s.max_new for o, s in zip(out, settings)):
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(out)):
+            out[slot] += tokens[slot][valid[slot]].tolist()
+            if free_done and len(out[slot]) >= settings[slot].max_new:
+                eng.free(slot)
+    return [o[:s.max_new] for o, s in zip(out, settings)]
+
+
 def run(eng, ps, settings, prefixes=None):
-    """Every prompt in its own slot, all decoded together; returns the tokens per prompt."""
+    """Every prompt in its own slot, all decoded together; returns the tokens per prompt.
+    (GlmEngine's insert returns the first token; PagedEngine's comes from generate.)"""
     out = [[] for _ in ps]
     for slot, p in enumerate(ps):
         prefix = eng.prefill(p)
         if prefixes is not None:
             prefixes.append(prefix)
         first = eng.insert(prefix, slot, settings[slot])
-        out[slot].append(int(np.asarray(first.tokens)[0, 0]))
-    while any(len(o) < s.max_new for o, s in zip(out, settings)):
-        step = eng.generate()
-        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
-        for slot in range(len(ps)):
-            out[slot] += tokens[slot][valid[slot]].tolist()
-    return [o[:s.max_new] for o, s in zip(out, settings)]
+        assert np.asarray(first.valid).any() == isinstance(eng, GlmEngine)
+        out[slot] += np.asarray(first.tokens)[np.asarray(first.valid)].tolist()
+    return collect(eng, out, settings)
 
 
 def greedy(n, max_new):
@@ -101,7 +111,7 @@ def test_greedy_equals_generate_and_one_row_runs_alone(model):
     ps = prompts([40, 7, 33, 16])
     want = generate(cfg, params, ps, 10, stop_ids=())
     eng = engine(model)
-    assert eng.row_buckets == (1, 2, 4)
+    assert eng.row_buckets == (1, 2, 4) and eng.token_buckets == (CHUNK,)
     assert run(eng, ps, greedy(4, 10)) == want
     assert eng.last_rows == 4
     rows = []
@@ -115,9 +125,9 @@ def test_greedy_equals_generate_and_one_row_runs_alone(model):
 
 
 def test_prefix_cache_shares_pages_and_changes_no_output(model):
-    """Prompts sharing a 21-token prefix: with the cache, later ones reuse its 2 full pages
-    (refcounts show the sharing) and compute only the rest; the tokens equal a run without
-    the cache and `generate`."""
+    """Prompts sharing a 21-token prefix: with the cache, once the first is computed the
+    others reuse its 2 full pages (refcounts show the sharing) and compute only the rest; the
+    tokens equal a run without the cache and `generate`."""
     cfg, params = model
     shared = prompts([21], seed=5)[0]
     ps = [shared + tail for tail in prompts([5, 14, 3, 19], seed=6)]
@@ -127,14 +137,18 @@ def test_prefix_cache_shares_pages_and_changes_no_output(model):
     assert run(off, ps, greedy(4, 10), offs) == want
     assert [p.cached_tokens for p in offs] == [0, 0, 0, 0]
     on = engine(model)
+    # Pages are shared once computed: requests admitted together compute theirs each.
+    assert run(on, ps[:1], greedy(1, 10)) == want[:1]
+    on.free(0)
     ons = []
     assert run(on, ps, greedy(4, 10), ons) == want
-    assert [p.cached_tokens for p in ons] == [0, 16, 16, 16]
+    assert [p.cached_tokens for p in ons] == [24, 16, 16, 16]  # the first: its 3 full pages
     tables = [on.manager.page_table(p.seq_id) for p in ons]
     assert tables[0][:2] == tables[1][:2] == tables[2][:2] == tables[3][:2]
     assert [on.manager.pool.refcount(p) for p in tables[0][:3]] == [4, 4, 1]
     stats = on.manager.metrics()
-    assert stats['prefix_cache_hits'] == 48 and stats['prefix_cache_queries'] == sum(map(len, ps))
+    assert stats['prefix_cache_hits'] == 72
+    assert stats['prefix_cache_queries'] == len(ps[0]) + sum(map(len, ps))
     for slot in range(4):
         on.free(slot)
     # Full prompt pages stay cached (evictable, so counted free) for the next request.
@@ -152,14 +166,14 @@ def test_every_page_returns_after_random_requests(model):
     system = prompts([17], seed=8)[0]
     pool = eng.manager.pool
     for _ in range(10):
-        free = [s for s in range(4) if eng._slot_seq[s] is None]
+        free = [s for s in range(4) if not eng._in_use[s]]
         for slot in free[:rng.randint(0, len(free) + 1)]:
             tail = rng.randint(0, 1000, rng.randint(1, 20)).tolist()
             p = (system + tail) if rng.rand() < 0.6 else tail
             eng.insert(eng.prefill(p), slot, SlotSettings(max_new=int(rng.randint(1, 12))))
         eng.generate()  # with no sequence left: an empty output, no device call
         for slot in range(4):
-            if eng._slot_seq[slot] is not None and rng.rand() < 0.4:
+            if eng._in_use[slot] and rng.rand() < 0.4:
                 eng.free(slot)
         assert pool.num_used == sum(pool.refcount(p) > 0 for p in range(1, pool.num_pages))
     for slot in range(4):
@@ -186,35 +200,64 @@ def test_sampling_equals_glm_engine(model):
     assert run(engine(model), ps, settings) == run(slot_engine, ps, settings)
 
 
-def test_a_pool_too_small_says_so(model):
-    """Until preemption: a prefill or a step that cannot get its pages fails with the
-    numbers, and changes nothing."""
-    eng = engine(model)  # 47 usable pages of 8 tokens
-    held = [eng.prefill(p) for p in prompts([60] * 5, seed=9)]  # 40 pages
-    with pytest.raises(OutOfPages, match='a prompt of 60 tokens needs 8 pages'):
-        eng.prefill(prompts([60], seed=10)[0])
-    eng.insert(eng.prefill(prompts([48], seed=11)[0]), 0, SlotSettings(max_new=16))  # 6
-    eng.generate()  # to 51 tokens: 7 pages
-    eng.generate()  # 54
-    with pytest.raises(OutOfPages, match='pool is exhausted: slot 0 growing to 57 tokens'):
-        eng.generate()
-    for prefix in held:
-        eng.free_prefix(prefix)
-    eng.generate()
-    eng.free(0)
-    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+def test_a_pool_too_small_preempts_and_changes_no_output(model):
+    """20 usable pages of 8 tokens for 4 sequences growing to 50-70 tokens (up to 36
+    pages): the newest are preempted and recomputed, every sequence ends with the tokens of
+    an unconstrained run, sampled ones (penalties, seeds) included, and every page returns."""
+    cfg, params = model
+    ps = prompts([40, 25, 33, 18], seed=9)
+    settings = [SlotSettings(max_new=30, temperature=0.0),
+                SlotSettings(max_new=30, temperature=0.9, top_p=0.9, seed=3,
+                             frequency_penalty=0.5),
+                SlotSettings(max_new=30, temperature=0.0, repetition_penalty=1.4),
+                SlotSettings(max_new=30, temperature=1.0, seed=5)]
+    want = run(engine(model), ps, settings)
+    small = engine(model, num_pages=21)
+    for slot, p in enumerate(ps):
+        small.insert(small.prefill(p), slot, settings[slot])
+    assert collect(small, [[] for _ in ps], settings, free_done=True) == want
+    assert small.manager.stats.preemptions > 0
+    assert small.manager.pool.num_free == small.manager.pool.allocatable
+
+
+def test_a_long_prompt_is_computed_while_the_others_decode(model):
+    """A 60-token prompt with steps of 12 tokens arrives beside a decoding sequence: it takes
+    five mixed steps, in each of which the other sequence gets its next token; the tokens of
+    both equal `generate`."""
+    cfg, params = model
+    ps = prompts([9, 60], seed=12)
+    eng = engine(model)
+    out = [[], []]
+    eng.insert(eng.prefill(ps[0]), 0, SlotSettings(max_new=20, temperature=0.0))
+    out[0] += np.asarray(eng.generate().tokens)[0, :1].tolist()  # its prompt and first token
+    eng.insert(eng.prefill(ps[1]), 1, SlotSettings(max_new=10, temperature=0.0))
+    per_step = []
+    while eng._filling[1] is not None:
+        step = eng.generate()
+        valid = np.asarray(step.valid)
+        per_step.append(valid.sum(axis=1)[:2].tolist())
+        for slot in range(2):
+            out[slot] += np.asarray(step.tokens)[slot][valid[slot]].tolist()
+        assert (eng.last_rows, eng.last_tokens) == (4, CHUNK)
+    # 11 prompt tokens per step beside the decode token: 6 steps, the last with the first
+    # token of the new prompt.
+    assert per_step == [[1, 0]] * 5 + [[1, 1]]
+    got = collect(eng, out, [SlotSettings(max_new=20), SlotSettings(max_new=10)])
+    assert got == [generate(cfg, params, [ps[0]], 20, stop_ids=())[0],
+                   generate(cfg, params, [ps[1]], 10, stop_ids=())[0]]
 
 
 def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
-    """Warm-up runs every chunk and row bucket (the ones above: nothing new to compile here)
-    and resets: every page free, nothing cached, no slot in use."""
+    """Warm-up runs every mixed step (1 token bucket) and decode call (3 row buckets), the
+    shapes above: nothing new to compile here, and resets: every page free, nothing cached,
+    no slot in use."""
     eng = engine(model)
     calls = []
     eng.warmup(lambda done, total: calls.append((done, total)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     pool = eng.manager.pool
     assert pool.num_free == pool.allocatable and pool.num_cached == 0
-    assert eng._slot_seq == [None] * 4 and eng.last_rows == 4
+    assert eng._in_use == [False] * 4
 
 
 def test_embed_equals_the_slot_engine(model):
@@ -231,7 +274,8 @@ def test_on_a_mesh_greedy_equals_generate(model, axes):
     mesh = sharding.make_mesh(axes)
     sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     eng = PagedEngine(cfg, sharded, max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3,
-                      page_size=PAGE, num_pages=PAGES, prefill_chunk=CHUNK, mesh=mesh)
+                      page_size=PAGE, num_pages=PAGES, max_num_batched_tokens=CHUNK,
+                      mesh=mesh)
     ps = prompts([40, 7, 33, 16], seed=5)
     assert run(eng, ps, greedy(len(ps), 12)) == generate(cfg, params, ps, 12, stop_ids=())
     k = eng.pages.k[0]

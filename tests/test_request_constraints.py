@@ -34,7 +34,7 @@ TOOLS = [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': 
         'type': 'object', 'properties': {}}}}]
 SCHEMA = {'type': 'object', 'properties': {'a': {'type': 'integer'}}, 'required': ['a']}
 CHAT, TEXT = '/v1/chat/completions', '/v1/completions'
-NOT_YET = 'structured output is not available on this server yet'
+NOT_YET = 'structured output needs the paged engine (glmjax-serve --engine=paged)'
 
 
 @pytest.fixture(scope='module')
@@ -182,7 +182,7 @@ def test_refused_until_the_engine_applies_masks(backend, server, path, extra, pa
     err = error(post(server, path, {**body, **extra}))
     assert (err['code'], err['param']) == ('unsupported_field', param)
     what = 'a reasoning budget' if param == 'reasoning.max_tokens' else 'structured output'
-    assert err['message'].startswith(f'{param}: {what} is not available on this server yet')
+    assert err['message'].startswith(f'{param}: {what} needs the paged engine')
     assert backend.requests == []
 
 
@@ -371,7 +371,7 @@ def grpc_server(tokenizer):
     and answers at once: what reaches the engine side, without an engine."""
     cfg = GlmConfig.from_hf(DEMO_MODEL)
     engine = types.SimpleNamespace(max_batch=2, capacity=128, max_seq_len=128,
-                                   steps_per_call=1)
+                                   steps_per_call=1, supports_constraints=False)
     server = GlmServer(engine, tokenizer, cfg, 'demo', 4).start()
     server.ready, submitted = True, []
 
@@ -381,13 +381,13 @@ def grpc_server(tokenizer):
 
     server.orchestrator.submit = submit
     channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
-    yield pb_grpc.GlmStub(channel), submitted
+    yield pb_grpc.GlmStub(channel), submitted, server
     channel.close()
     server.grpc.stop(grace=0).wait()
 
 
 def test_grpc_refuses_then_accepts_when_the_engine_applies_masks(grpc_server, monkeypatch):
-    stub, submitted = grpc_server
+    stub, submitted, server = grpc_server
     assert list(stub.Generate(pb.GenerateRequest(text='x'), timeout=30))[-1].finish_reason \
         == pb.STOP  # unconstrained: as ever
     submitted.clear()
@@ -402,6 +402,6 @@ def test_grpc_refuses_then_accepts_when_the_engine_applies_masks(grpc_server, mo
         list(stub.Generate(pb.GenerateRequest(text='x', json_schema='{"not": {}}'), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and '"not"' in e.value.details()
 
-    monkeypatch.setattr(GlmServer, 'constrained_decoding', True)
+    monkeypatch.setattr(server, 'constrained_decoding', True)
     responses = list(stub.Generate(request, timeout=30))
     assert responses[-1].finish_reason == pb.STOP and len(submitted) == 1

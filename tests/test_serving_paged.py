@@ -22,7 +22,7 @@ TIMEOUT = 120
 def serve(model, **engine_kwargs):
     cfg, params, tok = model
     engine = PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS, page_size=PAGE,
-                         prefill_chunk=32, **engine_kwargs)
+                         max_num_batched_tokens=32, **engine_kwargs)
     server = GlmServer(engine, tok, cfg, 'paged', 64).start()
     server.warmup()
     return server

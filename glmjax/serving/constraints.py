@@ -407,12 +407,41 @@ class ConstraintMatcher:
         return self._stopped
 
 
+class FreeMatcher:
+    """An answer without a constraint (a reasoning budget alone): every token the tokenizer
+    has is allowed, stop ids included."""
+
+    def __init__(self, row: np.ndarray, stop_ids: frozenset[int]):
+        self.spec, self.stop_ids, self._row = None, stop_ids, row
+        self._stopped = False
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None:
+        _check_bitmask(bitmask, self._row.shape[0])
+        bitmask[row] = self._row
+
+    def accept(self, token_id: int) -> bool:
+        if self._stopped:
+            return False
+        self._stopped = int(token_id) in self.stop_ids
+        return True
+
+    def rollback(self, n: int) -> None:
+        self._stopped = self._stopped and not n
+
+    def is_complete(self) -> bool:
+        return True
+
+    def is_terminated(self) -> bool:
+        return self._stopped
+
+
 class ReasoningMatcher:
     """Leaves the reasoning free and constrains the answer: until `</think>` is generated any
     token of `free_row` is allowed (all but the stop ids and `<tool_call>`, which would end
     the reasoning without an answer); after `budget` reasoning tokens only `</think>` is."""
 
-    def __init__(self, inner: ConstraintMatcher, think_end: int, budget: int | None,
+    def __init__(self, inner: 'ConstraintMatcher | FreeMatcher', think_end: int,
+                 budget: int | None,
                  free_row: np.ndarray, end_row: np.ndarray):
         self.inner, self.stop_ids = inner, inner.stop_ids
         self.think_end, self.budget = think_end, budget
@@ -488,6 +517,7 @@ class ConstraintCompiler:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size, self._lock = cache_size, threading.Lock()
         self._reasoning_rows: tuple[np.ndarray, np.ndarray] | None = None  # on first use
+        self._any_row: np.ndarray | None = None
 
     def compile(self, spec: ConstraintSpec) -> CompiledConstraint:
         key = (spec, self.identity)
@@ -502,12 +532,21 @@ class ConstraintCompiler:
                 self._cache.popitem(last=False)
         return compiled
 
-    def matcher(self, spec: ConstraintSpec, reasoning: bool = False,
+    def matcher(self, spec: ConstraintSpec | None, reasoning: bool = False,
                 reasoning_budget: int | None = None) -> Matcher:
         """A fresh matcher for one sequence. reasoning: the model thinks first (GLM's
         `<think>...</think>`) and the constraint applies after `</think>`; reasoning_budget:
-        at most this many reasoning tokens, then `</think>` is forced."""
-        inner = ConstraintMatcher(self.compile(spec), self.words, self.stop_ids)
+        at most this many reasoning tokens, then `</think>` is forced. spec None: no
+        constraint on the answer (a budget alone)."""
+        if spec is None:
+            if reasoning_budget is None:
+                raise ValueError('no constraint and no reasoning budget: nothing to match')
+            if self._any_row is None:
+                self._any_row = _bitmask_row(set(range(self._tokenizer.vocab_size))
+                                             | set(self.stop_ids), self.words)
+            inner = FreeMatcher(self._any_row, self.stop_ids)
+        else:
+            inner = ConstraintMatcher(self.compile(spec), self.words, self.stop_ids)
         if not reasoning:
             if reasoning_budget is not None:
                 raise ValueError('a reasoning budget needs reasoning')

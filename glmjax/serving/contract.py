@@ -20,7 +20,12 @@ import weakref
 from collections.abc import Sequence
 
 from glmjax.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
-from glmjax.serving.constraints import ConstraintCompiler, ConstraintSpec, UnsupportedConstraint
+from glmjax.serving.constraints import (
+    ConstraintCompiler,
+    ConstraintSpec,
+    Matcher,
+    UnsupportedConstraint,
+)
 from glmjax.serving.engine import MAX_STOP_IDS, SlotSettings
 from glmjax.serving.glm_parser import END_THINK, THINK
 from glmjax.serving.tokenizer import Tokenizer
@@ -197,8 +202,8 @@ def engine_support(r: GenRequest, supported: bool, constraint_field: str = 'cons
     request to the server; `supported` is GlmServer.constrained_decoding."""
     if supported:
         return
-    refused = 'is not available on this server yet; the request is refused rather than ' \
-              'answered without it'
+    refused = 'needs the paged engine (glmjax-serve --engine=paged); this server runs the ' \
+              'slot engine, so the request is refused rather than answered without it'
     if r.constraint is not None:
         raise InvalidRequest(constraint_field, f'structured output {refused}',
                              'unsupported_field')
@@ -226,6 +231,17 @@ def constraint_compiler(tokenizer: Tokenizer, vocab_size: int,
             except ValueError:  # UnsupportedConstraint: not a tokenizer.json tokenizer
                 per_tokenizer[key] = None
         return per_tokenizer[key]
+
+
+def matcher(r: GenRequest, tokenizer: Tokenizer, limits: Limits) -> Matcher | None:
+    """The constrained-decoding matcher of a request that passed `check` (None: free
+    output): its constraint, after the reasoning when the model reasons first, and its
+    reasoning budget."""
+    budget = r.reasoning_budget if r.reasoning else None  # no reasoning: nothing to cap
+    if r.constraint is None and budget is None:
+        return None
+    compiler = constraint_compiler(tokenizer, limits.vocab_size, limits.eos_ids)
+    return compiler.matcher(r.constraint, r.reasoning, budget)
 
 
 def stop_ids(r: GenRequest, limits: Limits) -> tuple[int, ...]:

@@ -115,11 +115,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def insert(self, prefix: Prefix, slot: int, settings: SlotSettings) -> StepOutput:
-        """Puts a prefilled request into a slot and samples its first token."""
+        """Puts a prefilled request into a slot. Returns its first token, or an output with
+        no valid token when the prompt is computed by the next `generate` calls (PagedEngine):
+        the first token then comes with their outputs."""
+
+    supports_constraints = False  # whether generate takes token bitmasks
 
     @abc.abstractmethod
     def generate(self) -> StepOutput:
-        """Runs steps_per_call decode steps for every active slot."""
+        """Runs steps_per_call decode steps for every active slot. An engine that
+        `supports_constraints` also takes `allowed`, [max_batch, ceil(V / 32)] int32 token
+        bitmasks (glmjax.token_mask), and then runs one step under them."""
 
     @abc.abstractmethod
     def free(self, slot: int) -> None: ...
@@ -162,10 +168,20 @@ def buckets(max_seq_len: int) -> tuple[int, ...]:
     return (*sizes, max_seq_len)
 
 
-def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, active):
-    """Samples one token per row and advances the rows that are active."""
+def prompt_bucket(sizes: tuple[int, ...], n: int, max_seq_len: int) -> int:
+    """The smallest of `sizes` (from `buckets`) that holds a prompt of n tokens."""
+    for b in sizes:
+        if n <= b:
+            return b
+    raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={max_seq_len}')
+
+
+def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, active,
+           allowed=None):
+    """Samples one token per row (under the bitmask `allowed`, if given) and advances the
+    rows that are active."""
     tokens, logprobs, top_ids, top_lps = sample(logits, sampling, counts, prompt_mask,
-                                                generated)
+                                                generated, allowed)
     rows = jnp.arange(tokens.shape[0])
     counts = counts.at[rows, tokens].add(active.astype(jnp.int32))
     generated = generated + active
@@ -193,6 +209,10 @@ class Layout:
         rules = self.rules if split_batch else dataclasses.replace(self.rules, batch=None)
         return cache_shardings(self.cfg, self.mesh,
                                cache_shapes(self.cfg, batch, length, self.dtype), rules)
+
+    def put(self, tree):
+        """Host values onto every device of the mesh (the same values in every process)."""
+        return jax.device_put(tree, jax.tree.map(lambda _: self.replicated, tree))
 
     def state(self, batch: int, length: int) -> DecodeState:
         rep = self.replicated
@@ -367,20 +387,14 @@ class GlmEngine(Engine):
         with jax.set_mesh(self.layout.mesh):
             return _empty_state(self.layout, self.max_batch, self.max_seq_len, self.vocab_size)
 
-    def _put(self, tree):
-        """Host values onto every device of the mesh (the same values in every process)."""
-        return jax.device_put(tree, jax.tree.map(lambda _: self.layout.replicated, tree))
-
     def bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={self.max_seq_len}')
+        return prompt_bucket(self.buckets, n, self.max_seq_len)
 
     def kv_bucket(self, n: int) -> int:
         return next((b for b in self.kv_buckets if n <= b), self.kv_buckets[-1])
 
     def prefill(self, tokens: list[int]) -> Prefix:
+        put = self.layout.put
         n, b = len(tokens), self.bucket(len(tokens))
         width = min(b, self.prefill_chunk)
         padded = np.zeros((1, -(-b // width) * width), np.int32)
@@ -391,8 +405,8 @@ class GlmEngine(Engine):
                 length = np.array([min(width, n - start)], np.int32)
                 logits, cache = _prefill_chunk(
                     self.cfg, self.layout, self.params,
-                    self._put(padded[:, start:start + width]), self._put(length), cache)
-        return Prefix(cache=cache, logits=logits, tokens=self._put(padded[:, :b]), length=n)
+                    put(padded[:, start:start + width]), put(length), cache)
+        return Prefix(cache=cache, logits=logits, tokens=put(padded[:, :b]), length=n)
 
     def insert(self, prefix: Prefix, slot: int, settings: SlotSettings) -> StepOutput:
         if len(settings.stop_ids) > MAX_STOP_IDS:
@@ -403,7 +417,7 @@ class GlmEngine(Engine):
                 np.int32(settings.max_new), stop)
         with jax.set_mesh(self.layout.mesh):
             self.state, out = _insert(self.layout, self.state, prefix.cache, prefix.logits,
-                                      prefix.tokens, *self._put(host))
+                                      prefix.tokens, *self.layout.put(host))
         self._bound[slot] = prefix.length
         return local(out)
 
@@ -419,7 +433,7 @@ class GlmEngine(Engine):
 
     def free(self, slot: int) -> None:
         with jax.set_mesh(self.layout.mesh):
-            self.state = _free(self.layout, self.state, self._put(np.int32(slot)))
+            self.state = _free(self.layout, self.state, self.layout.put(np.int32(slot)))
         self._bound[slot] = 0
 
     def reset(self) -> None:
@@ -428,7 +442,7 @@ class GlmEngine(Engine):
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
-                             self._put)
+                             self.layout.put)
 
     def warmup(self, progress=None) -> None:
         total = len(self.buckets) + len(self.kv_buckets)

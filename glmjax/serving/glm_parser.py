@@ -26,7 +26,7 @@ VALUE, END_VALUE = '<arg_value>', '</arg_value>'
 # The tags each state looks for.
 _TAGS = {
     'content': (THINK, END_THINK, CALL),
-    'reasoning': (END_THINK, CALL),
+    'reasoning': (THINK, END_THINK, CALL),  # <think>: the model opening it again
     'name': ('\n', KEY, END_CALL),
     'body': (KEY, END_CALL),
     'key': (END_KEY,),

@@ -7,7 +7,7 @@ import numpy as np
 
 from glmjax.config import GlmConfig
 from glmjax.serving.chat import ChatTemplate
-from glmjax.serving.contract import GenRequest, Limits, slot_settings
+from glmjax.serving.contract import GenRequest, Limits, matcher, slot_settings
 from glmjax.serving.openai_api import ApiError, GenEvent, TokenLogprob
 from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
 from glmjax.serving.tokenizer import Tokenizer
@@ -27,6 +27,7 @@ class EngineBackend:
         self.vocab_size = cfg.vocab_size
         self.eos_ids = tuple(cfg.eos_token_ids)
         self.ready, self.draining = ready, draining
+        self.constrained_decoding = orchestrator.engine.supports_constraints
 
     @property
     def limits(self) -> Limits:
@@ -43,8 +44,10 @@ class EngineBackend:
         any streaming starts; the events follow as the engine produces them. The requests
         passed `contract.check` in the HTTP front."""
         loop = asyncio.get_running_loop()
-        reqs = [Request(r.prompt_ids, slot_settings(r, self.limits), self.tokenizer,
-                        tuple(r.stop), r.logprobs or 0) for r in requests]
+        limits = self.limits
+        reqs = [Request(r.prompt_ids, slot_settings(r, limits), self.tokenizer, tuple(r.stop),
+                        r.logprobs or 0, matcher=matcher(r, self.tokenizer, limits))
+                for r in requests]
         events = [_Events(req, r.logprobs is not None, loop) for req, r in zip(reqs, requests)]
         try:
             self.orchestrator.submit_all(reqs)

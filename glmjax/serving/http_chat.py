@@ -174,11 +174,15 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
     rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
     handles = backend.generate_all(requests)
     streams = [metrics.track(h, len(prompt)) for h in handles]
+    # A constraint or budget after the reasoning: the engine makes the answer start at
+    # `</think>`, so all before it is reasoning, whether the model wrote `<think>` or not.
+    r = requests[0]
+    reasoning = r.reasoning and (r.constraint is not None or r.reasoning_budget is not None)
     if body.stream:
-        return sse(_chat_chunks(backend, body, streams, tools, rid, created, len(prompt)),
-                    handles)
+        return sse(_chat_chunks(backend, body, streams, tools, rid, created, len(prompt),
+                                reasoning), handles)
     try:
-        choices = await asyncio.gather(*[_chat_choice(backend, i, s, tools, style)
+        choices = await asyncio.gather(*[_chat_choice(backend, i, s, tools, style, reasoning)
                                          for i, s in enumerate(streams)])
     finally:  # an error in one choice, or the client gone: the others end too
         await close_all(handles)
@@ -190,8 +194,8 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
             'usage': usage(len(prompt), completion, cached)}
 
 
-async def _chat_choice(backend, index, stream, tools, style) -> dict:
-    parser = GlmOutputParser(tools)
+async def _chat_choice(backend, index, stream, tools, style, reasoning) -> dict:
+    parser = GlmOutputParser(tools, in_reasoning=reasoning)
     n, finish, logprobs = 0, None, []
     cached = 0
     async for event in stream:
@@ -232,7 +236,7 @@ def _format_logprobs(backend, logprobs: list[TokenLogprob], style: str) -> dict:
                         for t in logprobs]}
 
 
-async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt):
+async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt, reasoning):
     def chunk(index, delta=None, finish=None, usage=None, logprobs=None):
         choices = [] if index is None else [{
             'index': index, 'delta': {'role': 'assistant', **(delta or {})},
@@ -245,7 +249,7 @@ async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt):
 
     total, cached = 0, None
     for index, stream in enumerate(streams):
-        parser = GlmOutputParser(tools)
+        parser = GlmOutputParser(tools, in_reasoning=reasoning)
         yield chunk(index, {'content': ''})
         finish, any_call = None, False
         async for event in stream:

@@ -21,12 +21,16 @@ for it. The leader then reports the failure (`on_failure`; glmjax-serve turns he
 NOT_SERVING and answers in-flight requests UNAVAILABLE) and the followers exit non-zero.
 """
 
+import base64
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import zlib
+
+import numpy as np
 
 from glmjax.serving.engine import Engine, EngineLost, GlmEngine, Prefix, SlotSettings, StepOutput
 
@@ -203,8 +207,17 @@ class LeaderEngine(Engine):
         return self._call({'op': 'insert', 'slot': slot, 'settings': settings.to_json()},
                           lambda: self.engine.insert(prefix, slot, settings))
 
-    def generate(self) -> StepOutput:
-        return self._call({'op': 'generate'}, self.engine.generate)
+    @property
+    def supports_constraints(self) -> bool:
+        return self.engine.supports_constraints
+
+    def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
+        if allowed is None:
+            return self._call({'op': 'generate'}, self.engine.generate)
+        # Mostly all-ones words: compressed, they cost the followers little.
+        packed = base64.b64encode(zlib.compress(allowed.tobytes(), 1)).decode()
+        return self._call({'op': 'generate', 'allowed': packed, 'shape': allowed.shape},
+                          lambda: self.engine.generate(allowed))
 
     def free(self, slot: int) -> None:
         self._call({'op': 'free', 'slot': slot}, lambda: self.engine.free(slot))
@@ -291,6 +304,9 @@ def follow(engine: GlmEngine, process: int, address: tuple[str, int], timeout: f
             prefix = engine.prefill(message['tokens'])
         elif op == 'insert':
             engine.insert(prefix, message['slot'], SlotSettings.from_json(message['settings']))
+        elif op == 'generate' and 'allowed' in message:
+            raw = zlib.decompress(base64.b64decode(message['allowed']))
+            engine.generate(np.frombuffer(raw, np.int32).reshape(message['shape']).copy())
         elif op == 'generate':
             engine.generate()
         elif op == 'free':

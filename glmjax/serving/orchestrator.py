@@ -11,7 +11,9 @@
               admit waiting requests into free slots          (engine.prefill, .insert)
               dispatch engine.generate(): steps_per_call tokens for every slot, async
               fetch the PREVIOUS call's tokens: the device is already running the next
-              call, so the host trails by one call and never stalls the device loop
+              call, so the host trails by one call and never stalls the device loop;
+              while some request is constrained, each call is one step with every slot's
+              token bitmask, fetched at once (the next masks follow from its tokens)
         |  (request, tokens, logprobs) items
         v
     detokenize queue (unbounded: the engine thread never waits on it)
@@ -44,6 +46,7 @@ import numpy as np
 from glmjax.serving.engine import Engine, EngineLost, SlotSettings, StepOutput
 from glmjax.serving.stops import StopMatcher
 from glmjax.serving.tokenizer import IncrementalDetokenizer, Tokenizer
+from glmjax.token_mask import bitmask_words
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,11 @@ class Chunk:
 class Request:
     def __init__(self, prompt: list[int], settings: SlotSettings, tokenizer: Tokenizer,
                  stop_strings: tuple[str, ...] = (), top_logprobs: int = 0,
-                 deadline: float | None = None):
+                 deadline: float | None = None, matcher=None):
         self.prompt, self.settings, self.top_logprobs = prompt, settings, top_logprobs
+        # Constrained decoding (glmjax.serving.constraints): fills each next token's bitmask
+        # and follows the tokens; used by the engine thread only.
+        self.matcher = matcher
         self.deadline = deadline  # time.monotonic() value, or None
         self.id = uuid.uuid4().hex[:16]  # in logs, and in the message of an internal error
         self.created, self.admitted = time.monotonic(), None  # queue time, for metrics
@@ -276,10 +282,13 @@ class Orchestrator:
                     self._cond.wait(timeout=0.1)
                     continue
             try:
-                current = self._step()
+                current, constrained = self._step()
                 if previous:
                     self._emit(previous)
                 previous = current
+                if constrained:  # the next masks follow from these tokens: fetch them now
+                    self._emit(previous)
+                    previous = []
             except Exception as e:
                 # A device call can fail because a process of the mesh is gone: then stop.
                 lost = str(e) if isinstance(e, EngineLost) else self.engine.lost()
@@ -293,7 +302,9 @@ class Orchestrator:
                 self._fail_all(f'engine error: {type(e).__name__}: {e}')
         self._detok_queue.put(None)
 
-    def _step(self) -> list[tuple[StepOutput, list[Request | None]]]:
+    def _step(self) -> tuple[list[tuple[StepOutput, list[Request | None]]], bool]:
+        """Dispatches the next calls; and whether one took token masks (then its tokens
+        must be fetched before the next call: the host fills each mask from them)."""
         with self._cond:
             self._prune_pending()
         self._run_embeds()
@@ -301,9 +312,23 @@ class Orchestrator:
         current = self._admit()
         with self._cond:
             snapshot = list(self._slots)
+        allowed = self._masks(snapshot)
         if any(r is not None for r in snapshot):
-            current.append((self.engine.generate(), snapshot))
-        return current
+            out = self.engine.generate() if allowed is None else self.engine.generate(allowed)
+            current.append((out, snapshot))
+        return current, allowed is not None
+
+    def _masks(self, slots: list[Request | None]) -> np.ndarray | None:
+        """The bitmask of every slot's next token, when some request is constrained (the
+        others allow every token); None when none is."""
+        rows = [(s, r) for s, r in enumerate(slots)
+                if r is not None and r.matcher is not None and not r.device_done]
+        if not rows:
+            return None
+        allowed = np.full((len(slots), bitmask_words(self.engine.vocab_size)), -1, np.int32)
+        for s, r in rows:
+            r.matcher.fill(allowed, s)
+        return allowed
 
     def _run_embeds(self) -> None:
         while True:
@@ -393,6 +418,14 @@ class Orchestrator:
                 if req is None or not out.valid[row].any():
                     continue
                 keep = out.valid[row]
+                if req.matcher is not None and not all(
+                        req.matcher.accept(t) for t in out.tokens[row][keep].tolist()):
+                    # The mask allowed the token, so the grammar should have: a bug, not
+                    # something to hide by going on.
+                    log.error('request %s: a sampled token broke its constraint', req.id)
+                    req.finish('error', f'request {req.id}: a sampled token broke its '
+                               f'output constraint')
+                    continue
                 self._detok_queue.put((req, out.tokens[row][keep], out.logprobs[row][keep],
                                        out.top_ids[row][keep], out.top_logprobs[row][keep]))
                 if out.done[row]:

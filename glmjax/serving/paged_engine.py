@@ -1,36 +1,51 @@
 """`PagedEngine`: the Engine interface over a paged KV cache, so that a step costs what its
-active sequences cost, and repeated prompt prefixes are not recomputed.
+active sequences cost, repeated prompt prefixes are not recomputed, a long prompt does not
+stall the running streams, and a pool too small for every sequence at once preempts instead
+of failing.
 
 What lives where:
 - the device holds one page pool per layer (`KVPages`, [K, P, L, H] each) shared by every
   sequence, and per slot the decode state that GlmEngine keeps (last token, length, done,
   sampling rows, penalty counts, prompt mask, stop ids, max_new);
 - the host holds the bookkeeping (`PageManager`: page tables, reference counts, the prefix
-  cache) and decides every page table, so the device never allocates.
+  cache) and decides every page table, so the device never allocates; and per slot the
+  tokens it still has to compute and the tokens it generated (fetched two calls late, when
+  they are long computed), which a preempted sequence is recomputed from.
 
 The calls, as the orchestrator makes them:
-- `prefill(tokens)` begins a sequence: its longest cached prefix is taken by reference and
-  only the rest is computed, `prefill_chunk` tokens per call (one row of a ragged batch, the
-  chunk padded to a power of two), straight into its own pages. The prompt's full pages are
-  then registered in the prefix cache. `Prefix.cached_tokens` says how many were reused.
-- `insert(prefix, slot, settings)` binds the sequence to a slot and samples its first token.
-- `generate()` packs the slots in use (inserted, not yet freed) into a ragged batch of
-  decode rows padded to the smallest of `row_buckets` (powers of two up to max_batch), and
-  runs steps_per_call steps of it: one sequence alone costs a 1-row step. Before the call
-  the host reserves the pages every row may write in it. Outputs are scattered back to
-  [max_batch, steps] so that the orchestrator sees GlmEngine's shapes.
+- `prefill(tokens)` begins a sequence on the host only: its longest cached prefix is taken
+  by reference (`Prefix.cached_tokens` says how many tokens); nothing is computed yet.
+- `insert(prefix, slot, settings)` binds it to a slot (the decode state's row is set) and
+  returns no token: the prompt is computed by the next `generate` calls.
+- `generate()` runs one device call. While some slot still has prompt tokens to compute it
+  is one mixed step, a ragged batch of every decoding slot's next token plus prompt chunks
+  (oldest first) up to `max_num_batched_tokens` tokens in all: the running streams advance
+  by one token while a long prompt is computed chunk by chunk, and a chunk that ends its
+  prompt samples the first token. Otherwise it is `steps_per_call` decode steps of the
+  decoding slots. Rows are padded to the smallest of `row_buckets` and tokens to the
+  smallest of `token_buckets` (a mixed step has max_batch rows: what it costs is its
+  tokens), all compiled at warm-up: one sequence alone decodes in a 1-row step. Outputs
+  are scattered back to [max_batch, steps_per_call] (GlmEngine's shapes).
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
 
+Pages are reserved on the host before each call for what every row may write in it. When
+the pool is short the newest sequence is preempted, as vLLM does: its pages are released
+(the full ones stay cached) and it is recomputed later from its prompt and the tokens it
+generated, with its decode state (counts, generated, the next input token) kept, so its
+output is the same as if it had never stopped. The oldest sequence is never preempted for a
+newer one, so every request finishes. Admission asks only for the pages of a prompt;
+`capacity` bounds what one request may ask for in all.
+
 As in GlmEngine, a row that is done on the device (a stop id, its budget) runs on until the
 host frees it, neither advancing nor emitting: it rewrites the K/V at its current length, a
-position in a page it owns alone, never a shared one (shared pages are full prompt pages).
+position in a page it owns alone, never a shared one (shared pages are full, committed
+pages).
 
-Not yet (issue 15): preemption (a pool that cannot give a step its pages raises
-`OutOfPages` with the numbers), prefill chunks interleaved with decode steps in one batch,
-caching the pages of generated tokens (the host does not see them), meshes (one device).
+Not yet (issue 15): the Pallas kernels under a mesh (the reference runs there).
 """
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -43,6 +58,7 @@ from jax.sharding import Mesh
 
 from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
+from glmjax.paged_attention import choose_impl, token_positions
 from glmjax.paged_inference import KVPages, init_pages, paged_forward
 from glmjax.sampling import TOP_LOGPROBS, SamplingParams
 from glmjax.serving.engine import (
@@ -56,12 +72,14 @@ from glmjax.serving.engine import (
     choose,
     embed_prompts,
     local,
+    prompt_bucket,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import Rules, get_rules, pages_shardings
+from glmjax.token_mask import bitmask_words
 
-MIN_CHUNK_BUCKET = 16  # prefill chunks are padded to powers of two from here to prefill_chunk
+MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
 
 
 @struct.dataclass
@@ -81,9 +99,20 @@ class SlotState:
 
 @dataclasses.dataclass
 class PagedPrefix(Prefix):
-    """A prefilled sequence: its K/V is already in the pool, under `seq_id` (no `cache`);
-    `tokens` [1, max_seq_len] is the padded prompt, for insert's prompt mask."""
+    """A begun sequence (no `cache`, no `logits`): its pages under `seq_id`, its prompt in
+    `prompt`; `tokens` [1, max_seq_len] is the padded prompt, for insert's prompt mask."""
     seq_id: int = -1
+    prompt: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class _Filling:
+    """A slot's tokens whose K/V is not all computed: `done` of them are. `first`: the last
+    chunk samples the request's first token (a new prompt); otherwise the sequence is being
+    recomputed after a preemption and its next input token is in the decode state."""
+    tokens: list[int]
+    done: int
+    first: bool
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -97,39 +126,28 @@ def _empty_state(batch: int, vocab: int) -> SlotState:
         sampling=jax.tree.map(jnp.asarray, SamplingParams.make(B)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames='pages')
-def _prefill_chunk(cfg: GlmConfig, attn_impl: str | None, params: dict, pages: KVPages,
-                   tokens: jax.Array, start: jax.Array, length: jax.Array,
-                   page_indices: jax.Array) -> tuple[jax.Array, KVPages]:
-    """Positions start..start+length-1 of one sequence: tokens [T] (padded past length),
-    page_indices [1, M]. Returns the logits after its last token [1, V] and the pages."""
-    positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    kv_lens = (start + length)[None]
-    cu_q_lens = jnp.stack([jnp.zeros((), jnp.int32), length])
-    return paged_forward(cfg, params, tokens, positions, pages, kv_lens, page_indices,
-                         cu_q_lens, jnp.ones((1,), jnp.int32), attn_impl=attn_impl)
-
-
-@functools.partial(jax.jit, donate_argnames='state')
-def _insert(state: SlotState, logits: jax.Array, tokens: jax.Array, length: jax.Array,
-            slot: jax.Array, row: SamplingParams, max_new: jax.Array,
-            stop_ids: jax.Array) -> tuple[SlotState, StepOutput]:
-    """GlmEngine's insert without the cache copy: the K/V is in the pages already."""
-    V = logits.shape[-1]
+@functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
+def _bind(vocab: int, state: SlotState, tokens: jax.Array, length: jax.Array, slot: jax.Array,
+          row: SamplingParams, max_new: jax.Array, stop_ids: jax.Array) -> SlotState:
+    """A new request's decode row: nothing generated yet, its prompt's tokens in the mask.
+    tokens [1, max_seq_len] padded past length."""
     real = jnp.arange(tokens.shape[1]) < length
-    mask = jnp.zeros((1, V), bool).at[0, jnp.where(real, tokens[0], V)].set(True, mode='drop')
-    out, counts, generated = choose(logits, row, jnp.zeros((1, V), jnp.int32), mask,
-                                     jnp.zeros((1,), jnp.int32), max_new[None], stop_ids[None],
-                                     jnp.ones((1,), bool))
-    state = state.replace(
-        tokens=state.tokens.at[slot].set(out.tokens[0]), lengths=state.lengths.at[slot].set(length),
-        done=state.done.at[slot].set(out.done[0]),
-        generated=state.generated.at[slot].set(generated[0]),
+    mask = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True,
+                                                                              mode='drop')
+    return state.replace(
+        tokens=state.tokens.at[slot].set(0), lengths=state.lengths.at[slot].set(0),
+        done=state.done.at[slot].set(False), generated=state.generated.at[slot].set(0),
         max_new=state.max_new.at[slot].set(max_new), stop_ids=state.stop_ids.at[slot].set(stop_ids),
-        counts=state.counts.at[slot].set(counts[0]),
-        prompt_mask=state.prompt_mask.at[slot].set(mask[0]),
+        counts=state.counts.at[slot].set(0), prompt_mask=state.prompt_mask.at[slot].set(mask),
         sampling=jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.sampling, row))
-    return state, jax.tree.map(lambda x: x[:, None] if x.ndim == 1 else x[:, None, :], out)
+
+
+def _scatter_outputs(state: SlotState, slots: jax.Array, outs: StepOutput) -> StepOutput:
+    """Row outputs [R, steps, ...] -> [max_batch, steps, ...]; padding rows (slot B) dropped."""
+    B = state.tokens.shape[0]
+    full = jax.tree.map(lambda x: jnp.zeros((B,) + x.shape[1:], x.dtype)
+                        .at[slots].set(x, mode='drop'), outs)
+    return full.replace(done=state.done)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=('pages', 'state'))
@@ -138,7 +156,7 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, p
               page_indices: jax.Array) -> tuple[KVPages, SlotState, StepOutput]:
     """`steps` decode steps of the R packed rows: slots [R] i32 (padding rows: max_batch),
     num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps]."""
-    B, R = state.tokens.shape[0], slots.shape[0]
+    R = slots.shape[0]
     live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)  # [R, ...]
     cu_q_lens = jnp.arange(R + 1, dtype=jnp.int32)  # one token per row
@@ -158,12 +176,40 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, p
         return (pages, rows), out
 
     (pages, rows), outs = jax.lax.scan(step, (pages, rows), None, length=steps)
-    # Back to the slots: padding rows (slot B) are dropped.
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
-    full = jax.tree.map(lambda x: jnp.zeros((B,) + x.shape[1:], x.dtype)
-                        .at[slots].set(x, mode='drop'), outs)
-    return pages, state, full.replace(done=state.done)
+    return pages, state, _scatter_outputs(state, slots, outs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=('pages', 'state'))
+def _mixed(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, pages: KVPages,
+           state: SlotState, tokens: jax.Array, slots: jax.Array, cu_q_lens: jax.Array,
+           chunk_start: jax.Array, decoding: jax.Array, first: jax.Array, num_seqs: jax.Array,
+           page_indices: jax.Array, allowed: jax.Array) -> tuple[KVPages, SlotState, StepOutput]:
+    """One ragged step of decode rows (one token each, taken from the decode state) and prompt
+    chunks (tokens [T] from the host, at chunk_start [R]). decoding [R]: a decode row;
+    first [R]: a chunk that ends a new prompt, which samples the first token; allowed
+    [R, ceil(V / 32)]: each row's constrained-decoding bitmask (all ones: free). Outputs are
+    [max_batch, steps] with only the first step's tokens valid."""
+    R = slots.shape[0]
+    live = jnp.arange(R) < num_seqs[0]
+    rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
+    start = jnp.where(decoding, rows.lengths, chunk_start)
+    kv_lens = start + cu_q_lens[1:] - cu_q_lens[:-1]
+    row, positions, valid = token_positions(kv_lens, cu_q_lens, num_seqs, tokens.shape[0])
+    tokens = jnp.where(valid & decoding[row], rows.tokens[row], tokens)
+    logits, pages = paged_forward(cfg, params, tokens, positions, pages, kv_lens, page_indices,
+                                  cu_q_lens, num_seqs, attn_impl=attn_impl)
+    active = live & ((decoding & ~rows.done) | first)
+    out, counts, generated = choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
+                                     rows.generated, rows.max_new, rows.stop_ids, active,
+                                     allowed)
+    rows = rows.replace(tokens=jnp.where(active, out.tokens, rows.tokens),
+                        lengths=jnp.where(decoding, rows.lengths + active, kv_lens),
+                        done=rows.done | out.done, counts=counts, generated=generated)
+    state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
+    pad = lambda x: jnp.zeros((R, steps) + x.shape[1:], x.dtype).at[:, 0].set(x)  # noqa: E731
+    return pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
 
 
 @functools.partial(jax.jit, donate_argnames='state')
@@ -172,13 +218,13 @@ def _mark_done(state: SlotState, slot: jax.Array) -> SlotState:
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:
-    """Packed decode rows are padded to powers of two (and max_batch), compiled at warm-up."""
+    """Packed rows are padded to powers of two (and max_batch), compiled at warm-up."""
     return tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
 
 
-def chunk_buckets(prefill_chunk: int) -> tuple[int, ...]:
-    sizes = [b for b in (MIN_CHUNK_BUCKET << i for i in range(32)) if b < prefill_chunk]
-    return (*sizes, prefill_chunk)
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    sizes = [b for b in (MIN_TOKEN_BUCKET << i for i in range(32)) if b < max_tokens]
+    return (*sizes, max_tokens)
 
 
 def _smallest(sizes: tuple[int, ...], n: int) -> int:
@@ -186,47 +232,56 @@ def _smallest(sizes: tuple[int, ...], n: int) -> int:
 
 
 class PagedEngine(Engine):
-    """The engine over a paged KV cache with prefix caching, on one device.
+    """The engine over a paged KV cache with prefix caching and preemption.
 
     max_batch: concurrent sequences (slots). The pool has `num_pages` pages of `page_size`
     positions (page 0 is scratch), or as many as `kv_cache_bytes` holds; by default enough
     for max_batch full-length sequences, GlmEngine's capacity. Its dtype is the weights'.
-    `attn_impl`: a paged_attention implementation, chosen per backend when None.
+    max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
+    max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
     """
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
                  steps_per_call: int = 4, *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, prefill_chunk: int = 512,
+                 kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 512,
                  prefix_caching: bool = True, attn_impl: str | None = None,
                  mesh: Mesh | None = None, rules: Rules | str | None = None):
         if not 0 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f'max_seq_len must be between 1 and the model context of '
                              f'{cfg.max_position_embeddings}, got {max_seq_len}')
         for name, value in (('max_batch', max_batch), ('steps_per_call', steps_per_call),
-                            ('prefill_chunk', prefill_chunk), ('page_size', page_size)):
+                            ('page_size', page_size)):
             if value < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
+        if max_num_batched_tokens < max_batch:
+            raise ValueError(f'max_num_batched_tokens must be at least max_batch={max_batch} '
+                             f'(a step holds one token of every running sequence), got '
+                             f'{max_num_batched_tokens}')
         self.cfg, self.params = cfg, params
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size, self.steps_per_call = cfg.vocab_size, steps_per_call
-        self.prefill_chunk, self.page_size = prefill_chunk, page_size
+        self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size
         self.prefix_caching = prefix_caching
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
-        self.chunk_buckets = chunk_buckets(prefill_chunk)
+        self.token_buckets = token_buckets(max_num_batched_tokens)
         mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
         if mesh.size > 1 and attn_impl is None:
             # The Pallas kernels would need a shard_map over kv heads; the reference is
             # partitioned by the compiler.
             attn_impl = 'reference'
-        self.attn_impl = attn_impl
+        # Chosen here, not from the step's shape: a mixed step's rows hold chunks, so it
+        # must never get the decode-only kernel, even with fewer tokens than rows.
+        self.decode_impl = attn_impl or choose_impl(1, 1)
+        self.mixed_impl = attn_impl or choose_impl(2, 1)
         self.layout = Layout(cfg, mesh, get_rules(rules), self.dtype)
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
         self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
-        self.last_rows = 0  # the row bucket of the last generate call (tests, metrics)
+        self.last_rows = 0  # the row bucket of the last device call (tests, metrics)
+        self.last_tokens = 0  # the token bucket of the last mixed step
         self._seq_ids = itertools.count()
         self.reset()
 
@@ -250,56 +305,41 @@ class PagedEngine(Engine):
             self.pages = jax.jit(init_pages, static_argnums=(0, 1, 2, 3),
                                  out_shardings=self._pages_sharding)(
                 self.cfg, self.num_pages, self.page_size, self.dtype)
-            self.state = self._put(_empty_state(self.max_batch, self.vocab_size))
+            self.state = self.layout.put(_empty_state(self.max_batch, self.vocab_size))
         self.manager = PageManager(self.num_pages, self.page_size, self.max_pages_per_seq,
                                    self.prefix_caching)
-        self._slot_seq: list[int | None] = [None] * self.max_batch
-        self._bound = np.zeros(self.max_batch, np.int64)  # per slot: a bound of its length
-        self._limit = np.zeros(self.max_batch, np.int64)  # per slot: the most it can reach
-
-    def _put(self, tree):
-        """Host values onto every device of the mesh (the same values in every process)."""
-        return jax.device_put(tree, jax.tree.map(lambda _: self.layout.replicated, tree))
+        B = self.max_batch
+        self._in_use = [False] * B  # a request holds the slot (insert to free)
+        self._slot_seq: list[int | None] = [None] * B  # its pages (None: preempted)
+        self._admitted = [0] * B  # admission order: the newest is preempted first
+        self._prompt: list[list[int]] = [[] for _ in range(B)]
+        self._filling: list[_Filling | None] = [None] * B
+        self._history: list[list[int]] = [[] for _ in range(B)]  # generated, fetched
+        self._binding = [0] * B  # which request a slot's pending outputs belong to
+        self._outs: collections.deque = collections.deque()  # (tokens, valid, bindings)
+        self._bound = np.zeros(B, np.int64)  # per decoding slot: a bound of its length
+        self._limit = np.zeros(B, np.int64)  # per slot: the most it can reach
+        self._order = itertools.count()
 
     def bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={self.max_seq_len}')
+        return prompt_bucket(self.buckets, n, self.max_seq_len)
 
     def prefill(self, tokens: list[int]) -> PagedPrefix:
         n = len(tokens)
         if not 0 < n <= self.max_seq_len:
             raise ValueError(f'a prompt of {n} tokens: need 1 to max_seq_len={self.max_seq_len}')
         seq = next(self._seq_ids)
-        cached = self.manager.begin(seq, tokens)
+        cached = self.manager.begin(seq, tokens, budget=1)  # chunks take pages as they run
         if cached is None:
-            need = pages_for(n - self.manager.cached_prefix(tokens), self.page_size)
-            raise OutOfPages(self._short(need, f'a prompt of {n} tokens'))
-        table = self.manager.page_table_array([seq], 1)
-        try:
-            for start in range(cached, n, self.prefill_chunk):
-                length = min(self.prefill_chunk, n - start)
-                chunk = np.zeros(_smallest(self.chunk_buckets, length), np.int32)
-                chunk[:length] = tokens[start:start + length]
-                with jax.set_mesh(self.layout.mesh):
-                    logits, self.pages = _prefill_chunk(
-                        self.cfg, self.attn_impl, self.params, self.pages,
-                        *self._put((chunk, np.int32(start), np.int32(length), table)))
-        except Exception:
-            self.manager.finish(seq)
-            raise
-        # The pages' K/V is written by calls already queued before any reader's.
-        self.manager.commit(seq, tokens)
-        # For insert's prompt mask: padded to max_seq_len, one shape to compile.
-        padded = np.zeros((1, self.max_seq_len), np.int32)
+            raise OutOfPages(self._short(1, f'a prompt of {n} tokens'))
+        padded = np.zeros((1, self.max_seq_len), np.int32)  # one shape for _bind
         padded[0, :n] = tokens
-        return PagedPrefix(cache=None, logits=logits, tokens=padded, length=n, seq_id=seq,
-                           cached_tokens=cached)
+        return PagedPrefix(cache=None, logits=None, tokens=padded, length=n, seq_id=seq,
+                           cached_tokens=cached, prompt=tuple(tokens))
 
     def insert(self, prefix: PagedPrefix, slot: int, settings: SlotSettings) -> StepOutput:
         try:
-            if self._slot_seq[slot] is not None:
+            if self._in_use[slot]:
                 raise ValueError(f'slot {slot} is in use; free it first')
             if len(settings.stop_ids) > MAX_STOP_IDS:
                 raise ValueError(f'at most {MAX_STOP_IDS} stop ids, '
@@ -309,70 +349,200 @@ class PagedEngine(Engine):
             host = (prefix.tokens, np.int32(prefix.length), np.int32(slot),
                     settings.sampling(), np.int32(settings.max_new), stop)
             with jax.set_mesh(self.layout.mesh):
-                self.state, out = _insert(self.state, prefix.logits, *self._put(host))
+                self.state = _bind(self.vocab_size, self.state, *self.layout.put(host))
         except Exception:
             self.manager.finish(prefix.seq_id)  # the sequence never got a slot
             raise
+        self._in_use[slot] = True
         self._slot_seq[slot] = prefix.seq_id
-        out = local(out)
-        self._bound[slot] = prefix.length
+        self._admitted[slot] = next(self._order)
+        self._prompt[slot] = list(prefix.prompt)
+        self._filling[slot] = _Filling(list(prefix.prompt), prefix.cached_tokens, first=True)
+        self._history[slot] = []
+        self._binding[slot] += 1
+        self._bound[slot] = 0
         # A done row rewrites its last position: it never needs more than prompt + max_new.
         self._limit[slot] = min(prefix.length + settings.max_new,
                                 self.max_pages_per_seq * self.page_size)
+        return self._no_tokens(1)
+
+    supports_constraints = True  # generate takes a bitmask
+
+    def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
+        """allowed: [max_batch, ceil(V / 32)] int32, each slot's constrained-decoding bitmask
+        for its next token (glmjax.token_mask); with it, the call is one mixed step, so the
+        host can fill the next masks from its tokens."""
+        self._fetch(keep=2)  # older calls are long done: their tokens cost only a copy
+        if not any(self._in_use):
+            return self._no_tokens(self.max_batch)
+        decoding, chunks, mixed = self._plan(one_step=allowed is not None)
+        if mixed:
+            out = self._mixed(decoding, chunks, allowed)
+        else:
+            out = self._decode(decoding, _smallest(self.row_buckets, len(decoding)))
+        self._outs.append((out.tokens, out.valid, tuple(self._binding)))
         return out
 
-    def generate(self) -> StepOutput:
-        slots = [s for s, seq in enumerate(self._slot_seq) if seq is not None]
-        if not slots:
-            return self._idle_output()
-        return self._decode(slots, _smallest(self.row_buckets, len(slots)))
+    # ---- planning a call: pages, preemption, prompt chunks ----
+
+    def _by_age(self) -> list[int]:
+        return sorted((s for s in range(self.max_batch) if self._in_use[s]),
+                      key=lambda s: self._admitted[s])
+
+    def _plan(self, one_step: bool) -> tuple[list[int], list[tuple[int, int, int]], bool]:
+        """The next call's decode slots, prompt chunks (slot, start, stop) and whether it is
+        a mixed step (one token per decode slot, while some prompt is unfinished), their pages
+        reserved. While the pool is short, the newest sequence is preempted."""
+        while True:
+            by_age = self._by_age()
+            decoding = [s for s in by_age if self._filling[s] is None]
+            mixed = one_step or len(decoding) < len(by_age)
+            steps = 1 if mixed else self.steps_per_call
+            short = next((s for s in decoding if not self.manager.reserve(
+                self._slot_seq[s], int(min(self._bound[s] + steps, self._limit[s])))), None)
+            if short is None:
+                chunks = self._chunks([s for s in by_age if self._filling[s] is not None],
+                                      self.max_num_batched_tokens - len(decoding))
+                if decoding or chunks:
+                    return decoding, chunks, mixed
+            holding = [s for s in by_age if self._slot_seq[s] is not None]
+            if not holding or holding == by_age[:1] and short is None:
+                # Nothing else to take pages from: cannot happen within `capacity`.
+                raise OutOfPages(self._short(1, f'slot {by_age[0]} alone'))
+            self._preempt(holding[-1])
+
+    def _chunks(self, filling: list[int], budget: int) -> list[tuple[int, int, int]]:
+        """Prompt chunks for the filling slots, oldest first, within `budget` tokens and the
+        free pages; a slot that gets no pages waits (with every slot after it)."""
+        chunks = []
+        for s in filling:
+            f = self._filling[s]
+            if budget <= 0:
+                break
+            if self._slot_seq[s] is None:  # preempted: begin again, cached pages first
+                seq = next(self._seq_ids)
+                cached = self.manager.begin(seq, f.tokens, budget=min(budget, len(f.tokens)))
+                if cached is None:
+                    break
+                self._slot_seq[s], f.done = seq, cached
+            seq = self._slot_seq[s]
+            held = len(self.manager.page_table(seq)) + self.manager.pool.num_free
+            stop = min(len(f.tokens), f.done + budget, held * self.page_size)
+            if stop <= f.done or not self.manager.reserve(seq, stop):
+                break
+            chunks.append((s, f.done, stop))
+            budget -= stop - f.done
+        return chunks
+
+    def _preempt(self, slot: int) -> None:
+        """Releases the slot's pages; it is recomputed from its tokens when pages are free."""
+        if self._slot_seq[slot] is not None:
+            self.manager.preempt(self._slot_seq[slot])
+            self._slot_seq[slot] = None
+        if self._filling[slot] is not None:
+            self._filling[slot].done = 0
+            return
+        self._fetch(keep=0)  # every token it generated, on the host
+        # The last generated token is the next decode input: its K/V was never written.
+        tokens = self._prompt[slot] + self._history[slot][:-1]
+        self._filling[slot] = _Filling(tokens, 0, first=False)
+
+    def _fetch(self, keep: int) -> None:
+        """Appends the tokens of all but the last `keep` calls to their slots' histories."""
+        while len(self._outs) > keep:
+            tokens, valid, bindings = self._outs.popleft()
+            tokens, valid = np.asarray(tokens), np.asarray(valid)
+            for s, binding in enumerate(bindings):
+                if binding == self._binding[s] and self._in_use[s]:
+                    self._history[s] += tokens[s][valid[s]].tolist()
+
+    # ---- the device calls ----
 
     def _decode(self, slots: list[int], rows: int) -> StepOutput:
-        seqs = [self._slot_seq[s] for s in slots]
-        for s, seq in zip(slots, seqs):
-            new_len = min(self._bound[s] + self.steps_per_call, self._limit[s])
-            if not self.manager.reserve(seq, int(new_len)):
-                need = pages_for(int(new_len), self.page_size) - len(self.manager.page_table(seq))
-                raise OutOfPages(self._short(need, f'slot {s} growing to {new_len} tokens'))
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
-        table = self.manager.page_table_array(seqs, rows)
+        table = self.manager.page_table_array([self._slot_seq[s] for s in slots], rows)
         with jax.set_mesh(self.layout.mesh):
             self.pages, self.state, out = _generate(
-                self.cfg, self.attn_impl, self.steps_per_call, self.params, self.pages,
-                self.state, *self._put((padded, np.array([len(slots)], np.int32), table)))
-        out = local(out)
+                self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
+                self.state, *self.layout.put((padded, np.array([len(slots)], np.int32), table)))
         self._bound[slots] = np.minimum(self._bound[slots] + self.steps_per_call,
                                         self._limit[slots])
         self.last_rows = rows
-        return out
+        return local(out)
 
-    def _idle_output(self) -> StepOutput:
-        B, S = self.max_batch, self.steps_per_call
+    def _mixed(self, decoding: list[int], chunks: list[tuple[int, int, int]],
+               allowed: np.ndarray | None) -> StepOutput:
+        n_rows, rows = len(decoding) + len(chunks), self.max_batch
+        n_tokens = len(decoding) + sum(stop - start for _, start, stop in chunks)
+        T = _smallest(self.token_buckets, n_tokens)
+        slots = np.full(rows, self.max_batch, np.int32)
+        q_lens = np.zeros(rows, np.int32)
+        starts = np.zeros(rows, np.int32)
+        is_decode = np.zeros(rows, bool)
+        first = np.zeros(rows, bool)
+        tokens = np.zeros(T, np.int32)
+        slots[:len(decoding)], q_lens[:len(decoding)] = decoding, 1
+        is_decode[:len(decoding)] = True
+        at = len(decoding)
+        for r, (s, start, stop) in enumerate(chunks, len(decoding)):
+            f = self._filling[s]
+            slots[r], q_lens[r], starts[r] = s, stop - start, start
+            first[r] = f.first and stop == len(f.tokens)
+            tokens[at:at + stop - start] = f.tokens[start:stop]
+            at += stop - start
+        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        seqs = [self._slot_seq[s] for s in slots[:n_rows]]
+        table = self.manager.page_table_array(seqs, rows)
+        masks = np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32)
+        if allowed is not None:
+            masks[:n_rows] = allowed[slots[:n_rows]]
+        host = (tokens, slots, cu_q_lens, starts, is_decode, first,
+                np.array([n_rows], np.int32), table, masks)
+        with jax.set_mesh(self.layout.mesh):
+            self.pages, self.state, out = _mixed(
+                self.cfg, self.mixed_impl, self.steps_per_call, self.params, self.pages,
+                self.state, *self.layout.put(host))
+        self._bound[decoding] = np.minimum(self._bound[decoding] + 1, self._limit[decoding])
+        for s, _, stop in chunks:
+            f = self._filling[s]
+            # Full pages are shared from now on: their K/V is written by this call, queued
+            # before any later reader's.
+            self.manager.commit(self._slot_seq[s], f.tokens[:stop])
+            f.done = stop
+            if stop == len(f.tokens):
+                self._filling[s] = None
+                self._bound[s] = stop
+        self.last_rows, self.last_tokens = rows, T
+        return local(out)
+
+    def _no_tokens(self, batch: int) -> StepOutput:
+        S = self.steps_per_call if batch == self.max_batch else 1
         top = min(TOP_LOGPROBS, self.vocab_size)
-        return StepOutput(tokens=np.zeros((B, S), np.int32), valid=np.zeros((B, S), bool),
-                          logprobs=np.zeros((B, S), np.float32),
-                          top_ids=np.zeros((B, S, top), np.int32),
-                          top_logprobs=np.zeros((B, S, top), np.float32),
-                          done=np.ones((B,), bool))
+        return StepOutput(tokens=np.zeros((batch, S), np.int32), valid=np.zeros((batch, S), bool),
+                          logprobs=np.zeros((batch, S), np.float32),
+                          top_ids=np.zeros((batch, S, top), np.int32),
+                          top_logprobs=np.zeros((batch, S, top), np.float32),
+                          done=np.zeros((batch,), bool) if batch == 1 else np.ones((batch,), bool))
 
     def _short(self, need: int, what: str) -> str:
         return (f'the KV page pool is exhausted: {what} needs {need} pages of '
                 f'{self.page_size} tokens, {self.manager.pool.num_free} of '
-                f'{self.manager.pool.allocatable} are free (preemption is not implemented '
-                f'yet: give more pages, kv_cache_bytes or a smaller max_batch)')
+                f'{self.manager.pool.allocatable} are free')
 
     def free(self, slot: int) -> None:
-        seq = self._slot_seq[slot]
-        if seq is None:
+        if not self._in_use[slot]:
             return
-        self.manager.finish(seq)
-        self._slot_seq[slot] = None
+        if self._slot_seq[slot] is not None:
+            self.manager.finish(self._slot_seq[slot])
+        self._in_use[slot] = False
+        self._slot_seq[slot] = self._filling[slot] = None
+        self._prompt[slot], self._history[slot] = [], []
         self._bound[slot] = self._limit[slot] = 0
         # The rest of the device row needs no change: a slot out of the batch is neither run
         # nor read, and insert overwrites all of it.
         with jax.set_mesh(self.layout.mesh):
-            self.state = _mark_done(self.state, self._put(np.int32(slot)))
+            self.state = _mark_done(self.state, self.layout.put(np.int32(slot)))
 
     @property
     def capacity(self) -> int:
@@ -380,47 +550,53 @@ class PagedEngine(Engine):
                    (self.num_pages - 1) * self.page_size)
 
     def can_admit(self, prompt: list[int], max_new: int) -> bool:
-        """Admission by worst case: the pages this request could ever need (less its cached
-        prefix) plus what every running sequence may still grow into must be free, so a
-        decode step never runs out of pages (until preemption replaces this)."""
-        need = pages_for(min(len(prompt) + max_new, self.capacity), self.page_size)
+        """A request starts when its prompt's pages (less its cached prefix) are free beside
+        what the prompts already admitted still need; running sequences that outgrow the
+        pool later preempt the newest."""
+        need = pages_for(len(prompt), self.page_size)
         need -= self.manager.cached_prefix(prompt) // self.page_size
-        for slot, seq in enumerate(self._slot_seq):
-            if seq is not None:
-                held = len(self.manager.page_table(seq))
-                need += max(0, pages_for(int(self._limit[slot]), self.page_size) - held)
+        for s in range(self.max_batch):
+            f = self._filling[s]
+            if f is not None:
+                held = 0 if self._slot_seq[s] is None else len(
+                    self.manager.page_table(self._slot_seq[s]))
+                need += max(0, pages_for(len(f.tokens), self.page_size) - held)
         return need <= self.manager.pool.num_free
 
     def metrics(self) -> dict[str, float]:
-        return {**self.manager.metrics(),
-                'num_running_seqs': sum(s is not None for s in self._slot_seq)}
+        return {**self.manager.metrics(), 'num_running_seqs': sum(self._in_use)}
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
-                             self._put)
+                             self.layout.put)
 
     def warmup(self, progress=None) -> None:
-        """Compiles every prefill chunk bucket, the insert and every row bucket;
-        `progress(done, total)` after each."""
-        total = len(self.chunk_buckets) + len(self.row_buckets)
-        for i, b in enumerate(self.chunk_buckets):
-            # Distinct tokens per bucket: a prefix-cache hit would shorten the chunk.
-            self.free_prefix(self.prefill([i % self.vocab_size] * min(b, self.max_seq_len)))
-            jax.block_until_ready(self.pages)
+        """Compiles every mixed step (token buckets) and decode call (row buckets) on empty
+        batches, then resets; `progress(done, total)` after each."""
+        total = len(self.token_buckets) + len(self.row_buckets)
+        none, B = np.array([0], np.int32), self.max_batch
+        for i, T in enumerate(self.token_buckets):
+            self._compile(_mixed, self.mixed_impl, np.zeros(T, np.int32),
+                          np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
+                          np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool), none,
+                          self.manager.page_table_array([], B),
+                          np.full((B, bitmask_words(self.vocab_size)), -1, np.int32))
             if progress is not None:
                 progress(i + 1, total)
         for i, rows in enumerate(self.row_buckets):
-            for slot in range(rows):
-                self.insert(self.prefill([slot % self.vocab_size]), slot,
-                            SlotSettings(max_new=1))
-            self._decode(list(range(rows)), rows)
-            for slot in range(rows):
-                self.free(slot)
-            jax.block_until_ready((self.pages, self.state))
+            self._compile(_generate, self.decode_impl, np.full(rows, B, np.int32), none,
+                          self.manager.page_table_array([], rows))
             if progress is not None:
-                progress(len(self.chunk_buckets) + i + 1, total)
+                progress(len(self.token_buckets) + i + 1, total)
         self.reset()
 
+    def _compile(self, fn, impl: str, *host) -> None:
+        """Runs `fn` on rows that are all padding: its shapes compiled, nothing written."""
+        with jax.set_mesh(self.layout.mesh):
+            self.pages, self.state, out = fn(self.cfg, impl, self.steps_per_call, self.params,
+                                             self.pages, self.state, *self.layout.put(host))
+        jax.block_until_ready(out)
+
     def free_prefix(self, prefix: PagedPrefix) -> None:
-        """Drops a prefilled sequence that will not be inserted."""
+        """Drops a begun sequence that will not be inserted."""
         self.manager.finish(prefix.seq_id)

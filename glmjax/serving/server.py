@@ -82,8 +82,12 @@ _MESH = flags.DEFINE_string('mesh', None, 'device mesh over all devices of all p
                             'device (required with several processes)')
 _RULES = flags.DEFINE_enum('rules', 'decode_ep', list(PRESETS), 'how weights and the KV '
                            'cache are laid out over the mesh (sharding/rules.py)')
-_PREFILL_CHUNK = flags.DEFINE_integer('prefill_chunk', 512, 'prompt tokens per prefill call; '
-                                      'longer prompts are prefilled in chunks')
+_PREFILL_CHUNK = flags.DEFINE_integer('prefill_chunk', 512, '--engine=slots: prompt tokens per '
+                                      'prefill call; longer prompts are prefilled in chunks')
+_BATCHED_TOKENS = flags.DEFINE_integer('max_num_batched_tokens', 512, '--engine=paged: tokens '
+                                       'per step, one per decoding sequence plus prompt chunks '
+                                       '(a long prompt is computed across steps while the '
+                                       'others decode); at least --max_batch')
 _LOCKSTEP_PORT = flags.DEFINE_integer('lockstep_port', None, 'several processes: the port on '
                                       'process 0 that the others connect to (default: the '
                                       'coordinator port + 1)')
@@ -180,7 +184,8 @@ def make_engine(cfg: GlmConfig, params: dict, mesh):
     return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
                        page_size=_PAGE_SIZE.value,
                        kv_cache_bytes=None if gb is None else int(gb * 2 ** 30),
-                       prefill_chunk=_PREFILL_CHUNK.value, prefix_caching=_PREFIX_CACHING.value,
+                       max_num_batched_tokens=_BATCHED_TOKENS.value,
+                       prefix_caching=_PREFIX_CACHING.value,
                        mesh=mesh, rules=_RULES.value)
 
 

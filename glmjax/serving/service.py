@@ -27,6 +27,7 @@ from glmjax.serving.contract import (
     check,
     constraint_compiler,
     engine_support,
+    matcher,
     slot_settings,
     starts_in_reasoning,
 )
@@ -135,7 +136,7 @@ def build_request(msg, tokenizer: Tokenizer, limits: Limits,
         constrained_decoding = GlmServer.constrained_decoding
     engine_support(r, constrained_decoding, **fields)
     return Request(r.prompt_ids, slot_settings(r, limits), tokenizer, tuple(r.stop),
-                   r.logprobs or 0, deadline)
+                   r.logprobs or 0, deadline, matcher(r, tokenizer, limits))
 
 
 def _response(chunk: Chunk, with_logprobs: bool):
@@ -162,7 +163,8 @@ class GlmServicer(pb_grpc.GlmServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            req = build_request(request, self.s.tokenizer, self.s.limits, deadline)
+            req = build_request(request, self.s.tokenizer, self.s.limits, deadline,
+                                self.s.constrained_decoding)
             self.s.orchestrator.submit(req)
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -257,9 +259,9 @@ class GlmServer:
     """The gRPC server around one engine. start() listens at once (health NOT_SERVING);
     warmup() compiles and turns health to SERVING; shutdown() drains then stops."""
 
-    # Whether the engine applies output constraints and reasoning budgets (token masks).
-    # Until it does, both APIs refuse a request that asks for one (contract.engine_support),
-    # rather than answer it unconstrained. The engine integration turns this on.
+    # Whether the engine applies output constraints and reasoning budgets (token masks):
+    # where it does not, both APIs refuse a request that asks for one
+    # (contract.engine_support) rather than answer it unconstrained. Per server: its engine's.
     constrained_decoding = False
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, cfg: GlmConfig, model_name: str,
@@ -269,6 +271,7 @@ class GlmServer:
         self.engine, self.tokenizer, self.cfg, self.model_name = engine, tokenizer, cfg, model_name
         self.limits = Limits(cfg.vocab_size, engine.capacity, tuple(eos))
         self.orchestrator = Orchestrator(engine, max_queue)
+        self.constrained_decoding = engine.supports_constraints
         self.ready = self.stopping = False
         self.failure: str | None = None
         workers = engine.max_batch + max_queue + 8  # every waiting stream holds a thread

@@ -1,0 +1,165 @@
+"""Constrained decoding end to end, through the paged engine behind the real servers, with
+random weights (where an unconstrained model writes noise): every sampled output follows
+its schema, regex or choice, forced tool calls parse with schema-valid arguments, and a
+reasoning budget caps the thinking; a request beside them decodes as it would alone."""
+
+import concurrent.futures
+import json
+import re
+
+import grpc
+import httpx
+import jsonschema
+import pytest
+
+from glmjax import generate
+from glmjax.serving.paged_engine import PagedEngine
+from glmjax.serving.protos import pb, pb_grpc
+from glmjax.serving.server import start_http
+from glmjax.serving.service import GlmServer
+
+TIMEOUT = 300
+SCHEMAS = [
+    {'type': 'object', 'properties': {  # nested objects, required and optional fields
+        'name': {'type': 'string', 'maxLength': 8},
+        'owner': {'type': 'object', 'properties': {'id': {'type': 'integer', 'minimum': 0,
+                                                          'maximum': 999}},
+                  'required': ['id']}},
+     'required': ['owner'], 'additionalProperties': False},
+    {'type': 'array', 'items': {'type': 'object', 'properties': {  # arrays of item schemas
+        'x': {'type': 'integer', 'minimum': -9, 'maximum': 9}}, 'required': ['x'],
+        'additionalProperties': False}, 'minItems': 1, 'maxItems': 3},
+    {'type': 'object', 'properties': {'color': {'enum': ['red', 'green', 'blue']},
+                                      'n': {'const': 3}},
+     'required': ['color', 'n'], 'additionalProperties': False},  # enums
+    {'type': 'object', 'properties': {'ok': {'type': 'boolean'},  # numbers and booleans
+                                      'score': {'type': 'number', 'minimum': 0, 'maximum': 1},
+                                      'count': {'type': 'integer', 'minimum': 1,
+                                                'maximum': 5}},
+     'required': ['ok', 'score', 'count'], 'additionalProperties': False},
+    {'type': 'object', 'properties': {'tags': {'type': 'array', 'maxItems': 2, 'items': {
+        'type': 'string', 'pattern': '^[a-z]{1,4}$'}}}, 'required': ['tags'],
+     'additionalProperties': False},
+]
+TOOLS = [{'type': 'function', 'function': {
+    'name': 'get_weather', 'description': 'the weather in a city',
+    'parameters': {'type': 'object', 'properties': {
+        'city': {'type': 'string', 'maxLength': 12},
+        'days': {'type': 'integer', 'minimum': 1, 'maximum': 7}},
+        'required': ['city', 'days'], 'additionalProperties': False}}}]
+
+
+@pytest.fixture(scope='module')
+def served(model):
+    cfg, params, tok = model
+    engine = PagedEngine(cfg, params, 4, 1280, 4, page_size=16, max_num_batched_tokens=64)
+    server = GlmServer(engine, tok, cfg, 'paged', 64).start()
+    server.warmup()
+    front = start_http(server, None, None, '127.0.0.1', 0)
+    channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
+    yield server, f'http://127.0.0.1:{front.port}', pb_grpc.GlmStub(channel)
+    channel.close()
+    front.stop()
+    server.shutdown(grace=5)
+
+
+def chat(url, **body):
+    body = {'model': 'paged', 'messages': [{'role': 'user', 'content': 'Answer in JSON.'}],
+            'temperature': 1.0, 'max_tokens': 1000,
+            'chat_template_kwargs': {'enable_thinking': False}} | body
+    r = httpx.post(url + '/v1/chat/completions', json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()['choices']
+
+
+def stream_text(url, **body) -> list[str]:
+    body = {'model': 'paged', 'prompt': 'JSON:', 'temperature': 1.0, 'max_tokens': 1000,
+            'stream': True} | body
+    texts = {}
+    with httpx.stream('POST', url + '/v1/completions', json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith('data: {'):
+                for c in json.loads(line[6:])['choices']:
+                    texts[c['index']] = texts.get(c['index'], '') + c['text']
+    return [texts[i] for i in sorted(texts)]
+
+
+@pytest.mark.parametrize('schema', SCHEMAS)
+def test_sampled_outputs_follow_the_schema(served, schema):
+    _, url, _ = served
+    fmt = {'type': 'json_schema', 'json_schema': {'name': 'out', 'schema': schema}}
+    choices = chat(url, response_format=fmt, n=4, seed=1)
+    outs = [c['message']['content'] for c in choices]
+    outs += stream_text(url, response_format=fmt, n=2, seed=2)  # streamed, the same
+    assert all(c['finish_reason'] == 'stop' for c in choices), choices
+    for text in outs:
+        jsonschema.validate(json.loads(text), schema)
+    assert len(set(outs)) > 1  # sampled, not one fixed answer
+
+
+def test_json_object_regex_and_choice(served):
+    _, url, stub = served
+    for c in chat(url, response_format={'type': 'json_object'}, n=4, seed=3):
+        assert isinstance(json.loads(c['message']['content']), dict)
+    texts = stream_text(url, structured_outputs={'regex': '[a-c]{2,5}-[0-9]{1,3}'}, n=4,
+                        seed=4)
+    assert all(re.fullmatch('[a-c]{2,5}-[0-9]{1,3}', t) for t in texts), texts
+    words = ['alpha', 'beta', 'gamma']
+    for seed in range(4):  # and over gRPC
+        req = pb.GenerateRequest(text='pick:', max_tokens=20, choice=pb.ChoiceList(
+            choices=words), sampling=pb.SamplingParams(temperature=1.0, seed=seed))
+        text = ''.join(r.text for r in stub.Generate(req, timeout=TIMEOUT))
+        assert text in words
+
+
+def test_required_tool_choice_always_calls_a_tool(served):
+    _, url, _ = served
+    schema = TOOLS[0]['function']['parameters']
+    for tool_choice in ('required', {'type': 'function', 'function': {'name': 'get_weather'}}):
+        choices = chat(url, tools=TOOLS, tool_choice=tool_choice, n=4, seed=5, max_tokens=600)
+        for c in choices:
+            calls = c['message']['tool_calls']
+            assert c['finish_reason'] == 'tool_calls' and calls, c
+            for call in calls:
+                assert call['function']['name'] == 'get_weather'
+                jsonschema.validate(json.loads(call['function']['arguments']), schema)
+
+
+def test_a_reasoning_budget_caps_the_thinking(served):
+    """At most `budget` reasoning tokens, then </think> and an answer that follows the
+    constraint; over HTTP the reasoning and the answer come apart at it."""
+    server, url, stub = served
+    budget, end = 6, server.tokenizer.token_id('</think>')
+    schema = SCHEMAS[2]  # bounded: random weights write long strings where they may
+    for seed in range(3):
+        req = pb.GenerateRequest(text='<|user|>\nhi<|assistant|>', json_schema=json.dumps(schema),
+                                 reasoning_budget=budget, max_tokens=1000,
+                                 sampling=pb.SamplingParams(temperature=1.0, seed=seed))
+        responses = list(stub.Generate(req, timeout=TIMEOUT))
+        ids = [t for r in responses for t in r.token_ids]
+        assert ids.index(end) <= budget
+        answer = ''.join(r.text for r in responses).split('</think>', 1)[1]
+        jsonschema.validate(json.loads(answer), schema)
+    fmt = {'type': 'json_schema', 'json_schema': {'name': 'out', 'schema': schema}}
+    for c in chat(url, response_format=fmt, n=2, seed=6,
+                  chat_template_kwargs={'enable_thinking': True},
+                  reasoning={'max_tokens': budget}, max_tokens=1000):
+        assert c['message']['reasoning_content']
+        jsonschema.validate(json.loads(c['message']['content']), schema)
+
+
+def test_an_unconstrained_request_beside_them_is_unchanged(served, model):
+    cfg, params, _ = model
+    server, url, stub = served
+    prompt = list(range(3, 40))
+    alone = generate(cfg, params, [prompt], 24, stop_ids=())[0]
+    plain = pb.GenerateRequest(token_ids=prompt, max_tokens=24, ignore_eos=True,
+                               sampling=pb.SamplingParams(temperature=0.0))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        side = [pool.submit(chat, url, response_format={'type': 'json_object'}, n=1, seed=s)
+                for s in (7, 8)]
+        got = [t for r in stub.Generate(plain, timeout=TIMEOUT) for t in r.token_ids]
+        for f in side:
+            json.loads(f.result()[0]['message']['content'])
+    assert got == alone
