@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 
 def main() -> int:
@@ -20,10 +21,11 @@ def main() -> int:
     bad = []
     for path in files:
         name = os.path.relpath(path, root)
+        start = time.monotonic()
         done = subprocess.run([sys.executable, '-m', 'pytest', '-q', name, *sys.argv[1:]],
                               cwd=root, capture_output=True, text=True)
         tail = done.stdout.strip().splitlines()[-1:] or ['']
-        print(f'{name}: {tail[0]}', flush=True)
+        print(f'{name}: {tail[0]} [{time.monotonic() - start:.0f} s]', flush=True)
         for count, kind in re.findall(r'(\d+) (passed|failed|errors?|skipped)', tail[0]):
             totals['error' if kind.startswith('error') else kind] += int(count)
         if done.returncode != 0:
