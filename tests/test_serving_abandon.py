@@ -23,7 +23,15 @@ STEP_S = 0.05  # a slow device: 100 tokens take 100 / STEPS * STEP_S = 1.25 s or
 
 
 class SlowEngine(GlmEngine):
+    """STEP_S per call; clearing `running` holds every call until it is set again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.running = threading.Event()
+        self.running.set()
+
     def generate(self):
+        self.running.wait()
         time.sleep(STEP_S)
         return super().generate()
 
@@ -153,11 +161,16 @@ def test_dropped_n_stream_frees_every_choice(served):
                       timeout=RPC_TIMEOUT) as r:
         assert next(r.iter_lines()).startswith('data: ')
         # Every choice is running or waiting (a request being admitted is briefly in
-        # neither count: wait for the counts to settle).
-        end = time.monotonic() + 10
-        while stats(served) != {'busy_slots': MAX_BATCH, 'free_slots': 0, 'queued': 2}:
-            assert time.monotonic() < end, stats(served)
-            time.sleep(0.01)
+        # neither count: wait for the counts to settle), with the device held meanwhile so
+        # that no choice can finish first, however slow the machine.
+        served.server.engine.running.clear()
+        try:
+            end = time.monotonic() + 10
+            while stats(served) != {'busy_slots': MAX_BATCH, 'free_slots': 0, 'queued': 2}:
+                assert time.monotonic() < end, stats(served)
+                time.sleep(0.01)
+        finally:
+            served.server.engine.running.set()
         dropped = time.monotonic()
     assert idle_within(served, 1.0), stats(served)
     assert time.monotonic() - dropped < 1.0  # generating it all would take seconds
