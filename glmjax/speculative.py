@@ -257,12 +257,22 @@ def propose(cfg: GlmConfig, params: dict, pages: KVPages, hidden: jax.Array,
     out, pages = paged_mtp_hidden(cfg, params, _pack(hidden, index), _pack(next_tokens, index),
                                   _pack(positions, index), pages, start + q_lens, page_indices,
                                   cu, num_seqs, attn_impl=attn_impl)
-    last = out[cu[1:] - 1]  # [R, D]
+    return draft(cfg, params, pages, out[cu[1:] - 1], start + q_lens - 1, page_indices,
+                 num_seqs, num_drafts, attn_impl=attn_impl)
+
+
+def draft(cfg: GlmConfig, params: dict, pages: KVPages, last: jax.Array, position: jax.Array,
+          page_indices: jax.Array, num_seqs: jax.Array, num_drafts: int, *,
+          attn_impl: str | None = None) -> tuple[jax.Array, KVPages]:
+    """`num_drafts` top-1 drafts [R, num_drafts] from the MTP output `last` [R, D] at each
+    row's last pair (at `position` [R]): the first is its argmax; each further one feeds the
+    MTP output back in with the draft before it, one position on (writing MTP K/V past the
+    row's length, which the next step overwrites)."""
     first = jnp.argmax(merge(cfg, params).logits(last), axis=-1).astype(jnp.int32)
     if num_drafts == 1:
         return first[:, None], pages
-    rest, pages = _chain(cfg, params, pages, last, first, start + q_lens - 1, page_indices,
-                         num_seqs, num_drafts - 1, attn_impl)
+    rest, pages = _chain(cfg, params, pages, last, first, position, page_indices, num_seqs,
+                         num_drafts - 1, attn_impl)
     return jnp.concatenate([first[:, None], rest], axis=1), pages
 
 

@@ -44,7 +44,13 @@ class Metrics:
             key: Gauge(f'glmjax:{key}', what, registry=r) for key, what in (
                 ('prefix_cache_queries', 'Prompt tokens looked up in the prefix cache'),
                 ('prefix_cache_hits', 'Prompt tokens found in the prefix cache'),
-                ('num_preemptions', 'Sequences preempted for lack of KV pages'))}
+                ('num_preemptions', 'Sequences preempted for lack of KV pages'),
+                ('spec_decode_num_drafts', 'Speculative steps of a sequence (one draft run)'),
+                ('spec_decode_num_draft_tokens', 'Draft tokens proposed'),
+                ('spec_decode_num_accepted_tokens', 'Draft tokens accepted'))}
+        self.accepted_per_pos = Gauge('glmjax:spec_decode_num_accepted_tokens_per_pos',
+                                      'Draft tokens accepted at each draft position',
+                                      ['position'], registry=r)
 
     def render(self) -> bytes:
         s = self.stats()
@@ -53,6 +59,8 @@ class Metrics:
         self.kv_usage.set(s.get('kv_cache_usage', 0))
         for key, gauge in self.engine_totals.items():
             gauge.set(s.get(key, s.get(key.removeprefix('num_'), 0)))
+        for position, n in enumerate(s.get('spec_decode_num_accepted_tokens_per_pos', ())):
+            self.accepted_per_pos.labels(position=str(position)).set(n)
         return generate_latest(self.registry)
 
     async def track(self, events: AsyncIterator, n_prompt: int) -> AsyncIterator:

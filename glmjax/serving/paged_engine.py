@@ -42,6 +42,14 @@ host frees it, neither advancing nor emitting: it rewrites the K/V at its curren
 position in a page it owns alone, never a shared one (shared pages are full, committed
 pages).
 
+With `speculative_tokens` k > 0 a decode call is `steps_per_call` speculative steps
+(glmjax/speculative.py): per row, verify its k drafts with one (k+1)-token forward, emit the
+accepted run plus one token, draft the next k with the MTP layer, whose pages share the main
+pages' tables. Each call may add k + 1 positions per step, so that is what is reserved; the
+bound a row's reservation follows is tightened to what it emitted once its tokens are fetched.
+Mixed steps run the MTP layer over their positions too (its pages keep up) and leave each row
+its drafts, but are single-token steps themselves.
+
 Not yet (issue 15): the Pallas kernels under a mesh (the reference runs there).
 """
 
@@ -58,8 +66,10 @@ from jax.sharding import Mesh
 
 from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
+from glmjax.model import merge
 from glmjax.paged_attention import choose_impl, token_positions
-from glmjax.paged_inference import KVPages, init_pages, paged_forward
+from glmjax.paged_inference import KVPages, init_pages, paged_forward, paged_hidden
+from glmjax.paged_mtp import init_mtp_pages, paged_mtp_hidden
 from glmjax.sampling import TOP_LOGPROBS, SamplingParams
 from glmjax.serving.engine import (
     MAX_STOP_IDS,
@@ -77,6 +87,7 @@ from glmjax.serving.engine import (
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import Rules, get_rules, pages_shardings
+from glmjax.speculative import SpecRows, draft, speculative_step
 from glmjax.token_mask import bitmask_words
 
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
@@ -95,6 +106,7 @@ class SlotState:
     counts: jax.Array  # [B, V] i32
     prompt_mask: jax.Array  # [B, V] bool
     sampling: SamplingParams
+    drafts: jax.Array  # [B, k] i32: MTP proposals for the tokens after `tokens` (k may be 0)
 
 
 @dataclasses.dataclass
@@ -115,15 +127,16 @@ class _Filling:
     first: bool
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _empty_state(batch: int, vocab: int) -> SlotState:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_state(batch: int, vocab: int, num_drafts: int) -> SlotState:
     B, V = batch, vocab
     return SlotState(
         tokens=jnp.zeros((B,), jnp.int32), lengths=jnp.zeros((B,), jnp.int32),
         done=jnp.ones((B,), bool), generated=jnp.zeros((B,), jnp.int32),
         max_new=jnp.zeros((B,), jnp.int32), stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
         counts=jnp.zeros((B, V), jnp.int32), prompt_mask=jnp.zeros((B, V), bool),
-        sampling=jax.tree.map(jnp.asarray, SamplingParams.make(B)))
+        sampling=jax.tree.map(jnp.asarray, SamplingParams.make(B)),
+        drafts=jnp.zeros((B, num_drafts), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames='state')
@@ -181,35 +194,101 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, p
     return pages, state, _scatter_outputs(state, slots, outs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=('pages', 'state'))
-def _mixed(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, pages: KVPages,
-           state: SlotState, tokens: jax.Array, slots: jax.Array, cu_q_lens: jax.Array,
-           chunk_start: jax.Array, decoding: jax.Array, first: jax.Array, num_seqs: jax.Array,
-           page_indices: jax.Array, allowed: jax.Array) -> tuple[KVPages, SlotState, StepOutput]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
+                   donate_argnames=('pages', 'mtp_pages', 'state'))
+def _mixed(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int, params: dict,
+           pages: KVPages, mtp_pages: KVPages | None, state: SlotState, tokens: jax.Array,
+           slots: jax.Array, cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
+           first: jax.Array, follow: jax.Array, num_seqs: jax.Array, page_indices: jax.Array,
+           allowed: jax.Array) -> tuple[KVPages, KVPages | None, SlotState, StepOutput]:
     """One ragged step of decode rows (one token each, taken from the decode state) and prompt
     chunks (tokens [T] from the host, at chunk_start [R]). decoding [R]: a decode row;
-    first [R]: a chunk that ends a new prompt, which samples the first token; allowed
+    first [R]: a chunk that ends a new prompt, which samples the first token; follow [R]: the
+    token after a chunk that does not end its tokens (-1 otherwise); allowed
     [R, ceil(V / 32)]: each row's constrained-decoding bitmask (all ones: free). Outputs are
-    [max_batch, steps] with only the first step's tokens valid."""
-    R = slots.shape[0]
+    [max_batch, steps] with only the first step's tokens valid.
+
+    With num_drafts = k > 0 the MTP layer runs over the step's positions too (each with the
+    token after it: the next one in the chunk, `follow`, the token just sampled, or for a
+    recomputed sequence's last chunk its pending input), so its pages keep up with the main
+    ones, and each row gets k drafts for the speculative steps that follow."""
+    R, T = slots.shape[0], tokens.shape[0]
     live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
     start = jnp.where(decoding, rows.lengths, chunk_start)
-    kv_lens = start + cu_q_lens[1:] - cu_q_lens[:-1]
-    row, positions, valid = token_positions(kv_lens, cu_q_lens, num_seqs, tokens.shape[0])
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    kv_lens = start + q_lens
+    row, positions, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
     tokens = jnp.where(valid & decoding[row], rows.tokens[row], tokens)
-    logits, pages = paged_forward(cfg, params, tokens, positions, pages, kv_lens, page_indices,
-                                  cu_q_lens, num_seqs, attn_impl=attn_impl)
+    h, pages = paged_hidden(cfg, params, tokens, positions, pages, kv_lens, page_indices,
+                            cu_q_lens, num_seqs, attn_impl=attn_impl)
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, T - 1)  # [R]: each row's last token
+    logits = merge(cfg, params).logits(h[last])
     active = live & ((decoding & ~rows.done) | first)
     out, counts, generated = choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
                                      rows.generated, rows.max_new, rows.stop_ids, active,
                                      allowed)
+    drafts = rows.drafts
+    if num_drafts:
+        after = jnp.where(active, out.tokens, jnp.where(follow >= 0, follow, rows.tokens))
+        ends = jnp.where(live & (q_lens > 0), last, T)
+        nxt = jnp.roll(tokens, -1).at[ends].set(after, mode='drop')
+        g, mtp_pages = paged_mtp_hidden(cfg, params, h, nxt, positions, mtp_pages, kv_lens,
+                                        page_indices, cu_q_lens, num_seqs, attn_impl=attn_impl)
+        drafts, mtp_pages = draft(cfg, params, mtp_pages, g[last], kv_lens - 1, page_indices,
+                                  num_seqs, num_drafts, attn_impl=attn_impl)
     rows = rows.replace(tokens=jnp.where(active, out.tokens, rows.tokens),
                         lengths=jnp.where(decoding, rows.lengths + active, kv_lens),
-                        done=rows.done | out.done, counts=counts, generated=generated)
+                        done=rows.done | out.done, counts=counts, generated=generated,
+                        drafts=drafts)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     pad = lambda x: jnp.zeros((R, steps) + x.shape[1:], x.dtype).at[:, 0].set(x)  # noqa: E731
-    return pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
+    return pages, mtp_pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2),
+                   donate_argnames=('pages', 'mtp_pages', 'state'))
+def _speculate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, pages: KVPages,
+               mtp_pages: KVPages, state: SlotState, slots: jax.Array, num_seqs: jax.Array,
+               page_indices: jax.Array
+               ) -> tuple[KVPages, KVPages, SlotState, StepOutput, jax.Array]:
+    """`steps` speculative steps (glmjax/speculative.py) of the R packed rows, as `_generate`
+    takes them: each verifies a row's k drafts and emits 1..k+1 tokens. Returns outputs
+    [max_batch, steps * (k + 1)], each row's emitted tokens first, in order, and the drafts
+    each step accepted, [max_batch, steps] (-1: the row did not decode)."""
+    R, B = slots.shape[0], state.tokens.shape[0]
+    rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
+    spec = SpecRows(tokens=rows.tokens, lengths=rows.lengths, drafts=rows.drafts,
+                    done=rows.done, generated=rows.generated, max_new=rows.max_new,
+                    stop_ids=rows.stop_ids, counts=rows.counts, prompt_mask=rows.prompt_mask,
+                    sampling=rows.sampling)
+
+    def step(carry, _):
+        pages, mtp_pages, spec = carry
+        pages, mtp_pages, spec, out = speculative_step(cfg, params, pages, mtp_pages, spec,
+                                                       page_indices, num_seqs,
+                                                       attn_impl=attn_impl)
+        return (pages, mtp_pages, spec), out
+
+    (pages, mtp_pages, spec), outs = jax.lax.scan(step, (pages, mtp_pages, spec), None,
+                                                  length=steps)
+    rows = rows.replace(tokens=spec.tokens, lengths=spec.lengths, drafts=spec.drafts,
+                        done=spec.done, generated=spec.generated, counts=spec.counts)
+    state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
+    flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(R, -1, *x.shape[3:])  # noqa: E731
+    valid = flat(outs.valid)  # [R, steps * (k + 1)]
+    order = jnp.argsort(~valid, axis=1, stable=True)  # the emitted ones first, in order
+
+    def pick(x):
+        x = flat(x)
+        return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    emitted = StepOutput(tokens=pick(outs.tokens), valid=pick(outs.valid),
+                         logprobs=pick(outs.logprobs), top_ids=pick(outs.top_ids),
+                         top_logprobs=pick(outs.top_logprobs), done=rows.done)
+    accepted = jnp.where(outs.valid.any(axis=2), outs.accepted, -1).T  # [R, steps]
+    accepted = jnp.full((B, steps), -1, jnp.int32).at[slots].set(accepted, mode='drop')
+    return pages, mtp_pages, state, _scatter_outputs(state, slots, emitted), accepted
 
 
 @functools.partial(jax.jit, donate_argnames='state')
@@ -239,13 +318,16 @@ class PagedEngine(Engine):
     for max_batch full-length sequences, GlmEngine's capacity. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
+    speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
+    must have its MTP layer); its pages come out of the same pool budget.
     """
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
                  steps_per_call: int = 4, *, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 512,
                  prefix_caching: bool = True, attn_impl: str | None = None,
-                 mesh: Mesh | None = None, rules: Rules | str | None = None):
+                 speculative_tokens: int = 0, mesh: Mesh | None = None,
+                 rules: Rules | str | None = None):
         if not 0 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f'max_seq_len must be between 1 and the model context of '
                              f'{cfg.max_position_embeddings}, got {max_seq_len}')
@@ -253,6 +335,12 @@ class PagedEngine(Engine):
                             ('page_size', page_size)):
             if value < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
+        if speculative_tokens < 0:
+            raise ValueError(f'speculative_tokens must be >= 0, got {speculative_tokens}')
+        if speculative_tokens and 'mtp' not in params:
+            raise ValueError('speculative decoding drafts with the MTP layer, and this '
+                             'checkpoint has none (its config.json says '
+                             f'num_nextn_predict_layers={cfg.num_nextn_predict_layers})')
         if max_num_batched_tokens < max_batch:
             raise ValueError(f'max_num_batched_tokens must be at least max_batch={max_batch} '
                              f'(a step holds one token of every running sequence), got '
@@ -262,6 +350,9 @@ class PagedEngine(Engine):
         self.vocab_size, self.steps_per_call = cfg.vocab_size, steps_per_call
         self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size
         self.prefix_caching = prefix_caching
+        self.num_drafts = speculative_tokens
+        # A decode call's most new positions per sequence: every step may emit k + 1.
+        self.call_tokens = steps_per_call * (speculative_tokens + 1)
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
@@ -280,6 +371,11 @@ class PagedEngine(Engine):
         self.layout = Layout(cfg, mesh, get_rules(rules), self.dtype)
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
         self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
+        mtp = jax.eval_shape(lambda: init_mtp_pages(cfg, self.num_pages, page_size, self.dtype))
+        self._mtp_sharding = pages_shardings(cfg, mesh, mtp, self.layout.rules)
+        # What speculation did, from the fetched outputs: vLLM's spec_decode counters.
+        self.spec_totals = {'num_drafts': 0, 'num_draft_tokens': 0, 'num_accepted_tokens': 0}
+        self.spec_accepted_per_pos = np.zeros(speculative_tokens, np.int64)
         self.last_rows = 0  # the row bucket of the last device call (tests, metrics)
         self.last_tokens = 0  # the token bucket of the last mixed step
         self._seq_ids = itertools.count()
@@ -289,8 +385,10 @@ class PagedEngine(Engine):
         if num_pages is not None and kv_cache_bytes is not None:
             raise ValueError('give num_pages or kv_cache_bytes, not both')
         if kv_cache_bytes is not None:
-            num_pages = kv_cache_bytes // (self.page_size * kv_bytes_per_token(self.cfg,
-                                                                               self.dtype))
+            per_token = kv_bytes_per_token(self.cfg, self.dtype)
+            if self.num_drafts:  # the MTP layer's pages: one layer more
+                per_token += per_token // self.cfg.num_hidden_layers
+            num_pages = kv_cache_bytes // (self.page_size * per_token)
         elif num_pages is None:
             num_pages = 1 + self.max_batch * pages_for(self.max_seq_len, self.page_size)
         if num_pages < 2:
@@ -305,7 +403,11 @@ class PagedEngine(Engine):
             self.pages = jax.jit(init_pages, static_argnums=(0, 1, 2, 3),
                                  out_shardings=self._pages_sharding)(
                 self.cfg, self.num_pages, self.page_size, self.dtype)
-            self.state = self.layout.put(_empty_state(self.max_batch, self.vocab_size))
+            self.mtp_pages = None if not self.num_drafts else jax.jit(
+                init_mtp_pages, static_argnums=(0, 1, 2, 3), out_shardings=self._mtp_sharding)(
+                self.cfg, self.num_pages, self.page_size, self.dtype)
+            self.state = self.layout.put(_empty_state(self.max_batch, self.vocab_size,
+                                                      self.num_drafts))
         self.manager = PageManager(self.num_pages, self.page_size, self.max_pages_per_seq,
                                    self.prefix_caching)
         B = self.max_batch
@@ -316,8 +418,11 @@ class PagedEngine(Engine):
         self._filling: list[_Filling | None] = [None] * B
         self._history: list[list[int]] = [[] for _ in range(B)]  # generated, fetched
         self._binding = [0] * B  # which request a slot's pending outputs belong to
-        self._outs: collections.deque = collections.deque()  # (tokens, valid, bindings)
-        self._bound = np.zeros(B, np.int64)  # per decoding slot: a bound of its length
+        # Per call not yet fetched: (tokens, valid, bindings, growth, accepted).
+        self._outs: collections.deque = collections.deque()
+        # Per decoding slot: a bound of its length, the call's most growth added at each
+        # call and tightened to what it emitted when its tokens are fetched.
+        self._bound = np.zeros(B, np.int64)
         self._limit = np.zeros(B, np.int64)  # per slot: the most it can reach
         self._order = itertools.count()
 
@@ -376,11 +481,14 @@ class PagedEngine(Engine):
         if not any(self._in_use):
             return self._no_tokens(self.max_batch)
         decoding, chunks, mixed = self._plan(one_step=allowed is not None)
+        before = self._bound.copy()
         if mixed:
-            out = self._mixed(decoding, chunks, allowed)
+            out, accepted = self._mixed(decoding, chunks, allowed), None
         else:
-            out = self._decode(decoding, _smallest(self.row_buckets, len(decoding)))
-        self._outs.append((out.tokens, out.valid, tuple(self._binding)))
+            out, accepted = self._decode(decoding, _smallest(self.row_buckets, len(decoding)))
+        growth = np.zeros_like(before)
+        growth[decoding] = self._bound[decoding] - before[decoding]
+        self._outs.append((out.tokens, out.valid, tuple(self._binding), growth, accepted))
         return out
 
     # ---- planning a call: pages, preemption, prompt chunks ----
@@ -397,7 +505,7 @@ class PagedEngine(Engine):
             by_age = self._by_age()
             decoding = [s for s in by_age if self._filling[s] is None]
             mixed = one_step or len(decoding) < len(by_age)
-            steps = 1 if mixed else self.steps_per_call
+            steps = 1 if mixed else self.call_tokens
             short = next((s for s in decoding if not self.manager.reserve(
                 self._slot_seq[s], int(min(self._bound[s] + steps, self._limit[s])))), None)
             if short is None:
@@ -450,26 +558,55 @@ class PagedEngine(Engine):
     def _fetch(self, keep: int) -> None:
         """Appends the tokens of all but the last `keep` calls to their slots' histories."""
         while len(self._outs) > keep:
-            tokens, valid, bindings = self._outs.popleft()
+            tokens, valid, bindings, growth, accepted = self._outs.popleft()
             tokens, valid = np.asarray(tokens), np.asarray(valid)
             for s, binding in enumerate(bindings):
                 if binding == self._binding[s] and self._in_use[s]:
-                    self._history[s] += tokens[s][valid[s]].tolist()
+                    got = tokens[s][valid[s]].tolist()
+                    self._history[s] += got
+                    # A decode row grew by what it emitted, not by what it might have.
+                    self._bound[s] -= max(0, growth[s] - len(got))
+            if accepted is not None:
+                self._count_accepted(np.asarray(accepted))
+
+    def _count_accepted(self, accepted: np.ndarray) -> None:
+        """accepted [B, steps]: drafts each row's step accepted, -1 where it did not decode."""
+        runs = accepted[accepted >= 0]
+        self.spec_totals['num_drafts'] += runs.size
+        self.spec_totals['num_draft_tokens'] += runs.size * self.num_drafts
+        self.spec_totals['num_accepted_tokens'] += int(runs.sum())
+        self.spec_accepted_per_pos += (runs[:, None] > np.arange(self.num_drafts)).sum(axis=0)
 
     # ---- the device calls ----
 
-    def _decode(self, slots: list[int], rows: int) -> StepOutput:
+    def _decode(self, slots: list[int], rows: int) -> tuple[StepOutput, jax.Array | None]:
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
         table = self.manager.page_table_array([self._slot_seq[s] for s in slots], rows)
-        with jax.set_mesh(self.layout.mesh):
-            self.pages, self.state, out = _generate(
-                self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
-                self.state, *self.layout.put((padded, np.array([len(slots)], np.int32), table)))
-        self._bound[slots] = np.minimum(self._bound[slots] + self.steps_per_call,
+        out, accepted = self._run_decode((padded, np.array([len(slots)], np.int32), table))
+        self._bound[slots] = np.minimum(self._bound[slots] + self.call_tokens,
                                         self._limit[slots])
         self.last_rows = rows
-        return local(out)
+        return local(out), accepted
+
+    def _run_decode(self, host: tuple) -> tuple[StepOutput, jax.Array | None]:
+        with jax.set_mesh(self.layout.mesh):
+            if not self.num_drafts:
+                self.pages, self.state, out = _generate(
+                    self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
+                    self.state, *self.layout.put(host))
+                return out, None
+            self.pages, self.mtp_pages, self.state, out, accepted = _speculate(
+                self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
+                self.mtp_pages, self.state, *self.layout.put(host))
+        return out, local(accepted)
+
+    def _run_mixed(self, host: tuple) -> StepOutput:
+        with jax.set_mesh(self.layout.mesh):
+            self.pages, self.mtp_pages, self.state, out = _mixed(
+                self.cfg, self.mixed_impl, self.steps_per_call, self.num_drafts, self.params,
+                self.pages, self.mtp_pages, self.state, *self.layout.put(host))
+        return out
 
     def _mixed(self, decoding: list[int], chunks: list[tuple[int, int, int]],
                allowed: np.ndarray | None) -> StepOutput:
@@ -481,6 +618,7 @@ class PagedEngine(Engine):
         starts = np.zeros(rows, np.int32)
         is_decode = np.zeros(rows, bool)
         first = np.zeros(rows, bool)
+        follow = np.full(rows, -1, np.int32)
         tokens = np.zeros(T, np.int32)
         slots[:len(decoding)], q_lens[:len(decoding)] = decoding, 1
         is_decode[:len(decoding)] = True
@@ -489,6 +627,8 @@ class PagedEngine(Engine):
             f = self._filling[s]
             slots[r], q_lens[r], starts[r] = s, stop - start, start
             first[r] = f.first and stop == len(f.tokens)
+            if stop < len(f.tokens):
+                follow[r] = f.tokens[stop]
             tokens[at:at + stop - start] = f.tokens[start:stop]
             at += stop - start
         cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
@@ -497,12 +637,8 @@ class PagedEngine(Engine):
         masks = np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32)
         if allowed is not None:
             masks[:n_rows] = allowed[slots[:n_rows]]
-        host = (tokens, slots, cu_q_lens, starts, is_decode, first,
-                np.array([n_rows], np.int32), table, masks)
-        with jax.set_mesh(self.layout.mesh):
-            self.pages, self.state, out = _mixed(
-                self.cfg, self.mixed_impl, self.steps_per_call, self.params, self.pages,
-                self.state, *self.layout.put(host))
+        out = self._run_mixed((tokens, slots, cu_q_lens, starts, is_decode, first, follow,
+                               np.array([n_rows], np.int32), table, masks))
         self._bound[decoding] = np.minimum(self._bound[decoding] + 1, self._limit[decoding])
         for s, _, stop in chunks:
             f = self._filling[s]
@@ -563,8 +699,12 @@ class PagedEngine(Engine):
                 need += max(0, pages_for(len(f.tokens), self.page_size) - held)
         return need <= self.manager.pool.num_free
 
-    def metrics(self) -> dict[str, float]:
-        return {**self.manager.metrics(), 'num_running_seqs': sum(self._in_use)}
+    def metrics(self) -> dict:
+        out = {**self.manager.metrics(), 'num_running_seqs': sum(self._in_use)}
+        if self.num_drafts:
+            out.update({f'spec_decode_{k}': v for k, v in self.spec_totals.items()})
+            out['spec_decode_num_accepted_tokens_per_pos'] = self.spec_accepted_per_pos.tolist()
+        return out
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
         return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
@@ -575,27 +715,21 @@ class PagedEngine(Engine):
         batches, then resets; `progress(done, total)` after each."""
         total = len(self.token_buckets) + len(self.row_buckets)
         none, B = np.array([0], np.int32), self.max_batch
+        # Every row is padding: the shapes are compiled and nothing is written.
         for i, T in enumerate(self.token_buckets):
-            self._compile(_mixed, self.mixed_impl, np.zeros(T, np.int32),
-                          np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
-                          np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool), none,
-                          self.manager.page_table_array([], B),
-                          np.full((B, bitmask_words(self.vocab_size)), -1, np.int32))
+            jax.block_until_ready(self._run_mixed((
+                np.zeros(T, np.int32), np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
+                np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool),
+                np.full(B, -1, np.int32), none, self.manager.page_table_array([], B),
+                np.full((B, bitmask_words(self.vocab_size)), -1, np.int32))))
             if progress is not None:
                 progress(i + 1, total)
         for i, rows in enumerate(self.row_buckets):
-            self._compile(_generate, self.decode_impl, np.full(rows, B, np.int32), none,
-                          self.manager.page_table_array([], rows))
+            jax.block_until_ready(self._run_decode(
+                (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))))
             if progress is not None:
                 progress(len(self.token_buckets) + i + 1, total)
         self.reset()
-
-    def _compile(self, fn, impl: str, *host) -> None:
-        """Runs `fn` on rows that are all padding: its shapes compiled, nothing written."""
-        with jax.set_mesh(self.layout.mesh):
-            self.pages, self.state, out = fn(self.cfg, impl, self.steps_per_call, self.params,
-                                             self.pages, self.state, *self.layout.put(host))
-        jax.block_until_ready(out)
 
     def free_prefix(self, prefix: PagedPrefix) -> None:
         """Drops a begun sequence that will not be inserted."""

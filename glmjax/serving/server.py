@@ -67,6 +67,16 @@ _KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, '--engine=paged: GiB of K
                                   '(default: max_batch sequences of max_seq_len)')
 _PREFIX_CACHING = flags.DEFINE_boolean('prefix_caching', True, '--engine=paged: share the '
                                        'KV pages of repeated prompt prefixes')
+_SPECULATIVE = flags.DEFINE_enum('speculative', None, ['mtp'], 'mtp: decode speculatively, '
+                                  'drafting with the checkpoint\'s MTP layer and verifying the '
+                                  'drafts in one forward (greedy output unchanged, sampled '
+                                  'output keeps its distribution); needs --engine=paged')
+_SPEC_TOKENS = flags.DEFINE_integer('num_speculative_tokens', 1, '--speculative=mtp: drafts '
+                                    'per sequence and step (more than 1 applies the MTP layer '
+                                    'to its own output)', lower_bound=1)
+flags.register_multi_flags_validator(
+    ['speculative', 'engine'], lambda f: f['speculative'] is None or f['engine'] == 'paged',
+    '--speculative=mtp needs --engine=paged (drafts are verified over KV pages)')
 _API_KEY = flags.DEFINE_string('api_key', None, 'require "authorization: Bearer <key>" '
                                '(default: $GLMJAX_API_KEY, else no auth)')
 _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with --tls_key)')
@@ -186,6 +196,7 @@ def make_engine(cfg: GlmConfig, params: dict, mesh):
                        kv_cache_bytes=None if gb is None else int(gb * 2 ** 30),
                        max_num_batched_tokens=_BATCHED_TOKENS.value,
                        prefix_caching=_PREFIX_CACHING.value,
+                       speculative_tokens=_SPEC_TOKENS.value if _SPECULATIVE.value else 0,
                        mesh=mesh, rules=_RULES.value)
 
 

@@ -1,0 +1,200 @@
+"""MTP speculative decoding in the paged engine, on the trained demo model (random weights
+would accept no draft): greedy output equals decoding without speculation token for token
+(k = 1 and 3, prompts across page boundaries computed in chunks beside decoding rows, a stop
+id inside an accepted run, a pool so small that sequences are preempted, a mesh), sampled
+output is reproducible from its seed, drafts are accepted and counted as vLLM counts them,
+the pages reserved follow what was emitted, and a checkpoint without an MTP layer is refused.
+Through the server, the streamed text and stop strings are those of the plain engine."""
+
+import json
+import re
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glmjax import sharding
+from glmjax.config import GlmConfig
+from glmjax.hf import load_hf
+from glmjax.serving.engine import SlotSettings
+from glmjax.serving.kv_pages import pages_for
+from glmjax.serving.paged_engine import PagedEngine
+from glmjax.serving.server import DEMO_MODEL, start_http
+from glmjax.serving.service import GlmServer
+from glmjax.serving.tokenizer import Tokenizer
+
+PAGE, MAX_SEQ, PAGES, CHUNK, STEPS, NEW = 8, 128, 64, 16, 3, 30
+TEXTS = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+         'import os\nimport sys\n\n\ndef main',
+         'class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self):\n',
+         'for i in range(10):\n')
+
+
+@pytest.fixture(scope='module')
+def demo():
+    cfg = GlmConfig.from_hf(DEMO_MODEL)
+    return cfg, load_hf(DEMO_MODEL, cfg, jnp.float32), Tokenizer.from_dir(DEMO_MODEL)
+
+
+@pytest.fixture(scope='module')
+def prompts(demo):
+    return [demo[2].encode(t) for t in TEXTS]
+
+
+def engine(demo, k, **kw):
+    cfg, params, _ = demo
+    kw = dict(max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=STEPS, page_size=PAGE,
+              num_pages=PAGES, max_num_batched_tokens=CHUNK, speculative_tokens=k) | kw
+    return PagedEngine(cfg, params, **kw)
+
+
+def decode(eng, ps, settings, stagger=False):
+    """Each prompt in its own slot; stagger: the next one arrives after each call, so that
+    prompts are computed beside decoding rows. Runs until every slot is done on the device,
+    freeing none; returns the tokens per slot."""
+    out = [[] for _ in ps]
+    waiting, done = list(enumerate(ps)), False
+    while waiting or not done:
+        for slot, p in waiting[:1] if stagger else waiting:
+            eng.insert(eng.prefill(p), slot, settings[slot])
+        waiting = waiting[1:] if stagger else []
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(ps)):
+            out[slot] += tokens[slot][valid[slot]].tolist()
+        done = bool(np.asarray(step.done)[:len(ps)].all())
+    eng._fetch(keep=0)
+    return out
+
+
+def greedy(n, stop_ids=()):
+    return [SlotSettings(max_new=NEW, temperature=0.0, stop_ids=stop_ids)] * n
+
+
+@pytest.fixture(scope='module')
+def plain(demo, prompts):
+    return decode(engine(demo, 0), prompts, greedy(len(prompts)))
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_greedy_equals_plain_decoding_and_drafts_are_accepted(demo, prompts, plain, k):
+    eng = engine(demo, k)
+    assert decode(eng, prompts, greedy(len(prompts)), stagger=True) == plain
+    m = eng.metrics()
+    assert m['spec_decode_num_draft_tokens'] == k * m['spec_decode_num_drafts'] > 0
+    per_pos = m['spec_decode_num_accepted_tokens_per_pos']
+    assert len(per_pos) == k and sum(per_pos) == m['spec_decode_num_accepted_tokens']
+    assert per_pos[0] > 0 and all(a >= b for a, b in zip(per_pos, per_pos[1:]))
+    # Fewer calls than tokens: accepted drafts gave several tokens per step.
+    assert m['spec_decode_num_accepted_tokens'] > 0
+
+
+def test_a_stop_id_inside_an_accepted_run(demo, prompts, plain):
+    """A stop id the plain run emits mid-way ends the speculative run at the same token, with
+    nothing after it (the drafts after it in the same step are dropped)."""
+    stop = plain[0][len(plain[0]) // 2]
+    cut = [o[:o.index(stop) + 1] if stop in o else o for o in plain]
+    eng = engine(demo, 3)
+    assert decode(eng, prompts, greedy(len(prompts), stop_ids=(stop,))) == cut
+
+
+def test_a_small_pool_preempts_and_changes_no_output(demo, prompts, plain):
+    eng = engine(demo, 3, num_pages=13)
+    settings = greedy(len(prompts))
+    out = [[] for _ in prompts]
+    for slot, p in enumerate(prompts):
+        eng.insert(eng.prefill(p), slot, settings[slot])
+    while any(len(o) < NEW for o in out):
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(prompts)):
+            out[slot] += tokens[slot][valid[slot]].tolist()
+            if len(out[slot]) >= NEW:
+                eng.free(slot)
+    assert out == plain
+    assert eng.manager.stats.preemptions > 0
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+
+
+def test_reserved_pages_follow_the_emitted_tokens(demo, prompts):
+    """Each call may add k + 1 tokens per step; what a row really emitted tightens its bound
+    when its tokens are fetched, so its pages stay within two calls of its length."""
+    k = 3
+    eng = engine(demo, k, max_seq_len=MAX_SEQ, num_pages=PAGES)
+    eng.insert(eng.prefill(prompts[1]), 0, SlotSettings(max_new=90, temperature=0.0))
+    n = 0
+    for _ in range(12):
+        step = eng.generate()
+        n += int(np.asarray(step.valid)[0].sum())
+    length = len(prompts[1]) + n - 1  # the last token's K/V is not written yet
+    slack = 2 * eng.call_tokens  # the two calls whose tokens are not fetched yet
+    held = len(eng.manager.page_table(eng._slot_seq[0]))
+    assert length <= eng._bound[0] <= length + slack
+    assert held <= pages_for(length + slack, PAGE)
+    assert eng._bound[0] < len(prompts[1]) + 12 * eng.call_tokens  # what it would be untightened
+
+
+def test_sampling_is_reproducible_from_its_seed(demo, prompts):
+    def sampled(seed):
+        settings = [SlotSettings(max_new=NEW, temperature=0.8, top_p=0.95, seed=seed + i,
+                                 frequency_penalty=0.3, stop_ids=()) for i in range(2)]
+        return decode(engine(demo, 3), prompts[:2], settings)
+    a, b, c = sampled(1), sampled(1), sampled(2)
+    assert a == b and a != c
+    assert all(len(o) == NEW for o in a)
+
+
+def test_a_checkpoint_without_mtp_is_refused(demo):
+    cfg, params, _ = demo
+    with pytest.raises(ValueError, match='MTP layer'):
+        PagedEngine(cfg, {'model': params['model']}, 2, 64, speculative_tokens=1)
+    with pytest.raises(ValueError, match='speculative_tokens'):
+        PagedEngine(cfg, params, 2, 64, speculative_tokens=-1)
+
+
+def test_on_a_mesh_greedy_equals_plain(demo, prompts, plain):
+    """Experts over 4 devices, kv heads over 2: the MTP pages are laid out as the main ones."""
+    cfg, params, tok = demo
+    mesh = sharding.make_mesh({'expert': 4, 'tensor': 2})
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    eng = engine((cfg, sharded, tok), 3, mesh=mesh)
+    assert decode(eng, prompts, greedy(len(prompts))) == plain
+    k = eng.mtp_pages.k[0]
+    assert k.sharding.is_equivalent_to(sharding.pages_shardings(cfg, mesh, k), k.ndim)
+
+
+def test_through_the_server_text_and_stop_strings_are_the_plain_ones(demo, prompts, plain):
+    """HTTP completions from a speculative server: the text equals the plain engine's, a
+    stop string inside the output ends it where the plain text would end, streaming gives the
+    same text, and /metrics counts the drafts. Warm-up compiles and leaves nothing."""
+    cfg, params, tok = demo
+    eng = engine(demo, 3)
+    server = GlmServer(eng, tok, cfg, 'spec', 16).start()
+    server.warmup()  # compiles every bucket, then starts the engine loop: nothing left behind
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+    assert eng.metrics()['spec_decode_num_drafts'] == 0
+    front = start_http(server, None, None, '127.0.0.1', 0)
+    url = f'http://127.0.0.1:{front.port}'
+    try:
+        full = tok.decode(plain[2])
+        body = {'prompt': TEXTS[2], 'max_tokens': NEW, 'temperature': 0, 'ignore_eos': True}
+        r = httpx.post(f'{url}/v1/completions', json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()['choices'][0]['text'] == full
+        stop = full[len(full) // 2:len(full) // 2 + 3]
+        r = httpx.post(f'{url}/v1/completions', json=body | {'stop': [stop]}, timeout=120)
+        assert r.json()['choices'][0]['text'] == full[:full.index(stop)]
+        with httpx.stream('POST', f'{url}/v1/completions', json=body | {'stream': True},
+                          timeout=120) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith('data: ')]
+        assert events[-1] == '[DONE]'
+        assert ''.join(json.loads(e)['choices'][0]['text'] for e in events[:-1]) == full
+        metrics = httpx.get(f'{url}/metrics', timeout=10).text
+        accepted = re.search(r'^glmjax:spec_decode_num_accepted_tokens (\S+)$', metrics, re.M)
+        assert float(accepted.group(1)) > 0
+        assert 'glmjax:spec_decode_num_accepted_tokens_per_pos{position="2"}' in metrics
+    finally:
+        front.stop()
+        server.shutdown(grace=5)
