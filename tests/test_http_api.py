@@ -102,6 +102,19 @@ def test_thinking_switches_reach_the_template(backend, client):
         assert backend.decode(r.prompt_ids).endswith('/nothink<|assistant|>\n<think></think>')
 
 
+def test_reasoning_effort_none_or_high_and_levels_refused(backend, client):
+    client.chat.completions.create(model='m', messages=USER, reasoning_effort='none')
+    client.chat.completions.create(model='m', messages=USER, reasoning_effort='high')
+    nothink, think = (backend.decode(r.prompt_ids) for r in backend.requests)
+    assert nothink.endswith('/nothink<|assistant|>\n<think></think>')
+    assert think.endswith('<|assistant|>') and '/nothink' not in think
+    for effort, extra in (('medium', {}), ('high', {'reasoning': {'enabled': False}})):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model='m', messages=USER, reasoning_effort=effort,
+                                           extra_body=extra)
+        assert e.value.body['param'] == 'reasoning_effort'
+
+
 def test_answer_without_thinking_is_content(backend, client):
     backend.script = '\nJust the answer.'
     m = client.chat.completions.create(model='m', messages=USER).choices[0].message

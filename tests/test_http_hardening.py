@@ -111,7 +111,6 @@ def test_unknown_model_is_404(server):
     ({'response_format': {'type': 'json_object'}}, 'response_format'),
     ({'response_format': {'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': {}}}},
      'response_format'),
-    ({'safety_model': 'zai-org/GLM-4.6'}, 'safety_model'),
     ({'tools': TOOLS, 'tool_choice': 'required'}, 'tool_choice'),
     ({'tools': TOOLS, 'tool_choice': {'type': 'function',
                                       'function': {'name': 'get_weather'}}}, 'tool_choice'),
@@ -126,6 +125,20 @@ def test_fields_not_honoured_yet_are_refused(backend, server, extra, param):
     assert backend.requests == []
     ok = post(server, CHAT, {'messages': USER, 'response_format': {'type': 'text'}})
     assert ok.status_code == 200
+
+
+def test_a_safety_model_not_served_is_named_and_one_served_needs_constraints(server):
+    """This backend has no constrained decoding, which the verdict needs."""
+    for path, body in ((CHAT, {'messages': USER}), ('/v1/completions', {'prompt': 'hi'})):
+        r = post(server, path, {**body, 'safety_model': 'zai-org/GLM-4.6'})
+        assert r.status_code == 400, r.text
+        err = r.json()['error']
+        assert (err['code'], err['param']) == ('model_not_found', 'safety_model')
+        assert "'zai-org/GLM-4.6'" in err['message'] and "'glm-fake'" in err['message']
+        r = post(server, path, {**body, 'safety_model': 'glm-fake'})
+        assert r.status_code == 400, r.text
+        assert r.json()['error']['code'] == 'unsupported_field'
+        assert 'paged engine' in r.json()['error']['message']
 
 
 def test_a_large_body_is_refused_at_once_while_health_answers(server):

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from glmjax import generate
+from glmjax.serving.moderation import Moderation
 from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import start_http
@@ -57,7 +58,7 @@ def served(model):
     server.warmup()
     front = start_http(server, None, None, '127.0.0.1', 0)
     channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
-    yield server, f'http://127.0.0.1:{front.port}', pb_grpc.GlmStub(channel)
+    yield server, f'http://127.0.0.1:{front.port}', pb_grpc.GlmStub(channel), front
     channel.close()
     front.stop()
     server.shutdown(grace=5)
@@ -87,7 +88,7 @@ def stream_text(url, **body) -> list[str]:
 
 @pytest.mark.parametrize('schema', SCHEMAS)
 def test_sampled_outputs_follow_the_schema(served, schema):
-    _, url, _ = served
+    _, url, _, _ = served
     fmt = {'type': 'json_schema', 'json_schema': {'name': 'out', 'schema': schema}}
     choices = chat(url, response_format=fmt, n=4, seed=1)
     outs = [c['message']['content'] for c in choices]
@@ -99,7 +100,7 @@ def test_sampled_outputs_follow_the_schema(served, schema):
 
 
 def test_json_object_regex_and_choice(served):
-    _, url, stub = served
+    _, url, stub, _ = served
     for c in chat(url, response_format={'type': 'json_object'}, n=4, seed=3):
         assert isinstance(json.loads(c['message']['content']), dict)
     texts = stream_text(url, structured_outputs={'regex': '[a-c]{2,5}-[0-9]{1,3}'}, n=4,
@@ -114,7 +115,7 @@ def test_json_object_regex_and_choice(served):
 
 
 def test_required_tool_choice_always_calls_a_tool(served):
-    _, url, _ = served
+    _, url, _, _ = served
     schema = TOOLS[0]['function']['parameters']
     for tool_choice in ('required', {'type': 'function', 'function': {'name': 'get_weather'}}):
         choices = chat(url, tools=TOOLS, tool_choice=tool_choice, n=4, seed=5, max_tokens=600)
@@ -129,7 +130,7 @@ def test_required_tool_choice_always_calls_a_tool(served):
 def test_a_reasoning_budget_caps_the_thinking(served):
     """At most `budget` reasoning tokens, then </think> and an answer that follows the
     constraint; over HTTP the reasoning and the answer come apart at it."""
-    server, url, stub = served
+    server, url, stub, _ = served
     budget, end = 6, server.tokenizer.token_id('</think>')
     schema = SCHEMAS[2]  # bounded: random weights write long strings where they may
     for seed in range(3):
@@ -151,7 +152,7 @@ def test_a_reasoning_budget_caps_the_thinking(served):
 
 def test_an_unconstrained_request_beside_them_is_unchanged(served, model):
     cfg, params, _ = model
-    server, url, stub = served
+    server, url, stub, _ = served
     prompt = list(range(3, 40))
     alone = generate(cfg, params, [prompt], 24, stop_ids=())[0]
     plain = pb.GenerateRequest(token_ids=prompt, max_tokens=24, ignore_eos=True,
@@ -163,3 +164,66 @@ def test_an_unconstrained_request_beside_them_is_unchanged(served, model):
         for f in side:
             json.loads(f.result()[0]['message']['content'])
     assert got == alone
+
+
+def moderated(served, prompt, response):
+    """The front's safety_model classifier with fixed verdicts: each stage may give only
+    the one choice, so the decision is known whatever the weights."""
+    _, url, _, front = served
+    front.backend.moderation = Moderation.parse({
+        'system': 'Classify.', 'prompt': {'user': 'User said: {content}', 'choices': [prompt]},
+        'response': {'user': 'Then: {content}', 'choices': [response]}})
+    return url
+
+
+GREEDY = {'temperature': 0.0, 'max_tokens': 12, 'ignore_eos': True}
+
+
+def test_safety_model_answers_a_safe_request_as_without_it(served):
+    url = moderated(served, 'safe', 'safe')
+    plain = chat(url, **GREEDY)[0]
+    checked = chat(url, safety_model='paged', **GREEDY)[0]
+    assert checked == plain and plain['finish_reason'] == 'length'
+    texts = stream_text(url, safety_model='paged', **GREEDY)
+    assert texts == stream_text(url, **GREEDY)
+
+
+def test_safety_model_refuses_an_unsafe_prompt(served):
+    url = moderated(served, 'unsafe: violence', 'safe')
+    for path, body in (('/v1/chat/completions', {'messages': [{'role': 'user',
+                                                               'content': 'hi'}]}),
+                       ('/v1/completions', {'prompt': 'hi'})):
+        r = httpx.post(url + path, json={**body, 'safety_model': 'paged', **GREEDY},
+                       timeout=TIMEOUT)
+        assert r.status_code == 400, r.text
+        err = r.json()['error']
+        assert (err['code'], err['param']) == ('content_policy_violation', 'safety_model')
+        assert 'violence' in err['message']
+
+
+def test_safety_model_filters_an_unsafe_answer(served):
+    url = moderated(served, 'safe', 'unsafe: crime')
+    [c] = chat(url, safety_model='paged', **GREEDY)
+    assert c['finish_reason'] == 'content_filter' and c['message']['content'] is None
+    body = {'model': 'paged', 'prompt': 'JSON:', 'stream': True, 'safety_model': 'paged',
+            **GREEDY}
+    with httpx.stream('POST', url + '/v1/completions', json=body, timeout=TIMEOUT) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith('data: {')]
+    finishes = [c['finish_reason'] for e in events for c in e['choices']]
+    assert finishes[-1] == 'content_filter' and set(finishes[:-1]) == {None}
+    assert events[-1]['choices'][0]['text'] == ''
+
+
+def test_the_moderation_file_is_checked(tmp_path):
+    default = Moderation.load()
+    assert default.choices['prompt'][0] == 'safe' and '{content}' in default.user['response']
+    bad = tmp_path / 'm.json'
+    bad.write_text(json.dumps({'prompt': {'user': 'no placeholder'}, 'response': {
+        'user': '{content}'}, 'choices': ['safe']}))
+    with pytest.raises(ValueError, match='"prompt" must be an object whose "user"'):
+        Moderation.load(str(bad))
+    bad.write_text(json.dumps({'prompt': {'user': '{content}'}, 'response': {
+        'user': '{content}'}, 'choices': ['fine']}))
+    with pytest.raises(ValueError, match='choices of "prompt"'):
+        Moderation.load(str(bad))

@@ -28,6 +28,7 @@ class EngineBackend:
         self.eos_ids = tuple(cfg.eos_token_ids)
         self.ready, self.draining = ready, draining
         self.constrained_decoding = orchestrator.engine.supports_constraints
+        self.moderation = None  # safety_model's classifier; None: the default file
 
     @property
     def limits(self) -> Limits:

@@ -19,7 +19,6 @@ from glmjax.serving.http_common import (
     Backend,
     Constraint,
     TokenLogprob,
-    check_unsupported,
     close_all,
     gen_requests,
     no_surrogates,
@@ -28,6 +27,7 @@ from glmjax.serving.http_common import (
     usage,
 )
 from glmjax.serving.metrics import Metrics
+from glmjax.serving.moderation import Moderator, conversation
 
 ROLES = ('system', 'developer', 'user', 'assistant', 'tool')
 
@@ -132,6 +132,19 @@ def _template_kwargs(body: T.ChatRequest) -> dict:
                            'be passed', f'chat_template_kwargs.{name}')
     if body.reasoning is not None:
         kwargs['enable_thinking'] = body.reasoning.enabled
+    effort = body.reasoning_effort
+    if effort is not None:
+        if effort not in ('none', 'high'):
+            raise ApiError(400, f'reasoning_effort {effort!r}: GLM-4.6 has no reasoning levels; '
+                           '"none" turns thinking off, "high" leaves it on, and '
+                           'reasoning.max_tokens caps it', 'reasoning_effort',
+                           'unsupported_field')
+        thinking = effort == 'high'
+        if kwargs.get('enable_thinking', thinking) != thinking:
+            raise ApiError(400, f'reasoning_effort {effort!r} contradicts the thinking switch '
+                           'of reasoning.enabled or chat_template_kwargs.enable_thinking',
+                           'reasoning_effort')
+        kwargs['enable_thinking'] = thinking
     return kwargs
 
 
@@ -155,7 +168,7 @@ def _render_and_encode(backend: Backend, messages, tools, kwargs) -> tuple[str, 
 
 async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
     no_surrogates(body.model_dump(exclude_unset=True, by_alias=True), '')
-    check_unsupported(body)
+    moderator = Moderator.of(backend, body.safety_model)
     messages = _check_messages(body.messages)
     tools, tool_call = _tools_for(body)
     constraint = output_constraint(body, tool_call)
@@ -172,8 +185,13 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
         gen_requests, backend, body, prompt, body.max_completion_tokens or body.max_tokens,
         n_logprobs, 'messages', constraint, contract.starts_in_reasoning(text), budget)
     rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
+    said = conversation('', [(m['role'], _text_of(m)) for m in messages])
+    if moderator is not None:
+        await moderator.check_prompt(said)
     handles = backend.generate_all(requests)
     streams = [metrics.track(h, len(prompt)) for h in handles]
+    if moderator is not None:
+        streams = [moderator.guard(s, said, whole=not body.stream) for s in streams]
     # A constraint or budget after the reasoning: the engine makes the answer start at
     # `</think>`, so all before it is reasoning, whether the model wrote `<think>` or not.
     r = requests[0]
@@ -192,6 +210,13 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
     return {'id': rid, 'object': 'chat.completion', 'created': created,
             'model': backend.model_name, 'choices': choices, 'prompt': [],
             'usage': usage(len(prompt), completion, cached)}
+
+
+def _text_of(message: dict) -> str:
+    content = message.get('content')
+    if isinstance(content, list):
+        return ''.join(part['text'] for part in content)
+    return content or ''
 
 
 async def _chat_choice(backend, index, stream, tools, style, reasoning) -> dict:

@@ -92,6 +92,11 @@ MAX_TOOLS = 128
 MAX_TOOLS_CHARS = 256 << 10  # the tools list as JSON
 
 
+def not_yet(field: str, what: str) -> ApiError:
+    return ApiError(400, f'{field}: {what} is not supported by this server yet; the request '
+                    'is refused rather than answered without it', field, 'unsupported_field')
+
+
 def error_body(e: ApiError) -> dict:
     return {'error': {'message': e.message, 'type': e.kind, 'param': e.param, 'code': e.code}}
 
@@ -121,17 +126,6 @@ def no_surrogates(value, where: str) -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             no_surrogates(v, f'{where}[{i}]')
-
-
-def not_yet(field: str, what: str) -> ApiError:
-    return ApiError(400, f'{field}: {what} is not supported by this server yet; the request '
-                    'is refused rather than answered without it', field, 'unsupported_field')
-
-
-def check_unsupported(body: T.Sampling) -> None:
-    """Fields the server cannot honour yet are errors, never silently ignored."""
-    if body.safety_model is not None:
-        raise not_yet('safety_model', 'moderation by a safety model')
 
 
 # ---- output constraints: what a request may ask its answer to be --------------------------

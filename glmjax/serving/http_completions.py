@@ -9,7 +9,6 @@ from glmjax.serving import openai_types as T
 from glmjax.serving.http_common import (
     ApiError,
     Backend,
-    check_unsupported,
     close_all,
     gen_requests,
     no_surrogates,
@@ -19,11 +18,12 @@ from glmjax.serving.http_common import (
     usage,
 )
 from glmjax.serving.metrics import Metrics
+from glmjax.serving.moderation import Moderator, conversation
 
 
 async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequest):
     no_surrogates(body.model_dump(exclude_unset=True, by_alias=True), '')
-    check_unsupported(body)
+    moderator = Moderator.of(backend, body.safety_model)
     constraint = output_constraint(body)
     if body.suffix:
         raise ApiError(400, 'suffix is not supported: GLM-4.6 has no fill-in-the-middle mode',
@@ -48,8 +48,14 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
         return requests, owners
 
     requests, owners = await asyncio.to_thread(checked)
+    said = {id(p): conversation('', [('user', backend.decode(p))]) for p in prompts}
+    if moderator is not None:
+        for p in prompts:
+            await moderator.check_prompt(said[id(p)])
     handles = backend.generate_all(requests)
     jobs = [(p, metrics.track(h, len(p))) for p, h in zip(owners, handles)]
+    if moderator is not None:
+        jobs = [(p, moderator.guard(s, said[id(p)], whole=not body.stream)) for p, s in jobs]
     n_prompt = sum(len(p) for p in prompts) * body.n
 
     if body.stream:

@@ -112,6 +112,9 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning: Reasoning | None = None
+    # OpenAI's levels; GLM-4.6 reasons or not: 'none' turns thinking off, 'high' leaves it on,
+    # the levels between are refused (http_chat._template_kwargs).
+    reasoning_effort: str | None = None
 
 
 class CompletionRequest(Sampling):
@@ -205,7 +208,7 @@ class AssistantMessage(_Out):
 class ChatChoice(_Out):
     index: int
     message: AssistantMessage
-    finish_reason: Literal['stop', 'length', 'tool_calls'] | None
+    finish_reason: Literal['stop', 'length', 'tool_calls', 'content_filter'] | None
     logprobs: dict[str, Any] | None = None
 
 
@@ -222,7 +225,7 @@ class ChatCompletion(_Out):
 class TextChoice(_Out):
     index: int
     text: str
-    finish_reason: Literal['stop', 'length'] | None
+    finish_reason: Literal['stop', 'length', 'content_filter'] | None
     logprobs: dict[str, Any] | None
 
 

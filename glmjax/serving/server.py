@@ -77,6 +77,9 @@ _SPEC_TOKENS = flags.DEFINE_integer('num_speculative_tokens', 1, '--speculative=
 flags.register_multi_flags_validator(
     ['speculative', 'engine'], lambda f: f['speculative'] is None or f['engine'] == 'paged',
     '--speculative=mtp needs --engine=paged (drafts are verified over KV pages)')
+_MODERATION = flags.DEFINE_string('moderation_prompt', None, 'JSON file of the instructions and '
+                                  'verdicts with which the model classifies requests that ask '
+                                  'for safety_model (default: glmjax/serving/moderation.json)')
 _API_KEY = flags.DEFINE_string('api_key', None, 'require "authorization: Bearer <key>" '
                                '(default: $GLMJAX_API_KEY, else no auth)')
 _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with --tls_key)')
@@ -146,9 +149,10 @@ def chat_template(model_dir: str | None) -> ChatTemplate:
 
 def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,
                host: str, port: int, served_names: tuple[str, ...] = (),
-               tls_files: tuple[str, str] | None = None):
+               tls_files: tuple[str, str] | None = None, moderation=None):
     """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots.
-    `tls_files`: (certificate chain, private key) PEM paths, the same as gRPC's."""
+    `tls_files`: (certificate chain, private key) PEM paths, the same as gRPC's;
+    `moderation`: safety_model's classifier (glmjax.serving.moderation; None: the default)."""
     from glmjax.serving.http_backend import EngineBackend
     from glmjax.serving.http_server import HttpServer
     backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg,
@@ -156,6 +160,7 @@ def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,
                             chat_template(model_dir),
                             ready=lambda: server.ready and not server.stopping,
                             draining=lambda: server.stopping, served_names=served_names)
+    backend.moderation = moderation
     return HttpServer(backend, host, port, api_key, tls_files).start()
 
 
@@ -213,6 +218,11 @@ def main(argv):
         # Start-up shows a progress bar, not absl's INFO lines (one per restored layer and
         # more): --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
+    from glmjax.serving.moderation import Moderation
+    try:
+        moderation = Moderation.load(_MODERATION.value)
+    except ValueError as e:
+        raise app.UsageError(f'--moderation_prompt: {e}') from None
     try:
         multi = distributed.initialize_from_flags()  # before anything touches a device
     except distributed.DistributedError as e:
@@ -256,7 +266,7 @@ def main(argv):
         tls_files = (_TLS_CERT.value, _TLS_KEY.value) if _TLS_CERT.value else None
         http = start_http(server, api_key, _CHECKPOINT.value or _HF_DIR.value,
                           _HTTP_HOST.value, _HTTP_PORT.value, tuple(_SERVED_NAMES.value),
-                          tls_files)
+                          tls_files, moderation)
         scheme = 'https' if tls_files else 'http'
         print(f'glmjax-serve: HTTP API on {scheme}://{_HTTP_HOST.value}:{http.port}/v1 '
               f'(models: {", ".join(http.backend.served_names)})', flush=True)
