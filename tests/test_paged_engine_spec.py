@@ -198,3 +198,31 @@ def test_through_the_server_text_and_stop_strings_are_the_plain_ones(demo, promp
     finally:
         front.stop()
         server.shutdown(grace=5)
+
+
+def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prompts, plain):
+    """speculative_max_batch=2: while four sequences decode, calls are plain (no drafts
+    counted, the MTP layer following); once two are freed, speculation resumes with current
+    drafts, which are accepted. The tokens are the plain engine's throughout."""
+    eng = engine(demo, 3, speculative_max_batch=2)
+    news = [NEW, NEW, 8, 8]
+    out = [[] for _ in prompts]
+    for slot, p in enumerate(prompts):
+        eng.insert(eng.prefill(p), slot, SlotSettings(max_new=news[slot], temperature=0.0,
+                                                      stop_ids=()))
+    drafts = []
+    while any(len(o) < n for o, n in zip(out, news)):
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(prompts)):
+            if len(out[slot]) < news[slot]:
+                out[slot] += tokens[slot][valid[slot]].tolist()
+                if len(out[slot]) >= news[slot]:
+                    eng.free(slot)
+        eng._fetch(keep=0)
+        drafts.append((sum(eng._in_use), eng.metrics()['spec_decode_num_drafts']))
+    assert [o[:n] for o, n in zip(out, news)] == [p[:n] for p, n in zip(plain, news)]
+    four = [d for running, d in drafts if running == 4]
+    assert four[-1] == 0  # every call of four sequences (after the prompts) was plain
+    m = eng.metrics()
+    assert m['spec_decode_num_drafts'] > 0 and m['spec_decode_num_accepted_tokens'] > 0

@@ -68,7 +68,7 @@ from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
 from glmjax.model import merge
 from glmjax.paged_attention import choose_impl, token_positions
-from glmjax.paged_inference import KVPages, init_pages, paged_forward, paged_hidden
+from glmjax.paged_inference import KVPages, init_pages, paged_hidden
 from glmjax.paged_mtp import init_mtp_pages, paged_mtp_hidden
 from glmjax.sampling import TOP_LOGPROBS, SamplingParams
 from glmjax.serving.engine import (
@@ -163,35 +163,48 @@ def _scatter_outputs(state: SlotState, slots: jax.Array, outs: StepOutput) -> St
     return full.replace(done=state.done)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=('pages', 'state'))
-def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, pages: KVPages,
-              state: SlotState, slots: jax.Array, num_seqs: jax.Array,
-              page_indices: jax.Array) -> tuple[KVPages, SlotState, StepOutput]:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
+                   donate_argnames=('pages', 'mtp_pages', 'state'))
+def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int, params: dict,
+              pages: KVPages, mtp_pages: KVPages | None, state: SlotState, slots: jax.Array,
+              num_seqs: jax.Array, page_indices: jax.Array
+              ) -> tuple[KVPages, KVPages | None, SlotState, StepOutput]:
     """`steps` decode steps of the R packed rows: slots [R] i32 (padding rows: max_batch),
-    num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps]."""
+    num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps].
+    num_drafts > 0 (an engine that speculates, on a call too big to): the MTP layer follows
+    each step, so its pages and the rows' drafts are current when speculation resumes."""
     R = slots.shape[0]
     live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)  # [R, ...]
     cu_q_lens = jnp.arange(R + 1, dtype=jnp.int32)  # one token per row
 
     def step(carry, _):
-        pages, rows = carry
+        pages, mtp_pages, rows = carry
         active = live & ~rows.done
         # Each row writes its last token at its length, then attends over length + 1.
-        logits, pages = paged_forward(cfg, params, rows.tokens, rows.lengths, pages,
-                                      rows.lengths + 1, page_indices, cu_q_lens, num_seqs,
-                                      attn_impl=attn_impl)
-        out, counts, generated = choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
-                                         rows.generated, rows.max_new, rows.stop_ids, active)
-        rows = rows.replace(tokens=jnp.where(active, out.tokens, rows.tokens),
-                            lengths=rows.lengths + active, done=rows.done | out.done,
-                            counts=counts, generated=generated)
-        return (pages, rows), out
+        h, pages = paged_hidden(cfg, params, rows.tokens, rows.lengths, pages, rows.lengths + 1,
+                                page_indices, cu_q_lens, num_seqs, attn_impl=attn_impl)
+        out, counts, generated = choose(merge(cfg, params).logits(h), rows.sampling,
+                                         rows.counts, rows.prompt_mask, rows.generated,
+                                         rows.max_new, rows.stop_ids, active)
+        tokens = jnp.where(active, out.tokens, rows.tokens)
+        drafts = rows.drafts
+        if num_drafts:
+            g, mtp_pages = paged_mtp_hidden(cfg, params, h, tokens, rows.lengths, mtp_pages,
+                                            rows.lengths + 1, page_indices, cu_q_lens,
+                                            num_seqs, attn_impl=attn_impl)
+            drafts, mtp_pages = draft(cfg, params, mtp_pages, g, rows.lengths, page_indices,
+                                      num_seqs, num_drafts, attn_impl=attn_impl)
+        rows = rows.replace(tokens=tokens, lengths=rows.lengths + active,
+                            done=rows.done | out.done, counts=counts, generated=generated,
+                            drafts=drafts)
+        return (pages, mtp_pages, rows), out
 
-    (pages, rows), outs = jax.lax.scan(step, (pages, rows), None, length=steps)
+    (pages, mtp_pages, rows), outs = jax.lax.scan(step, (pages, mtp_pages, rows), None,
+                                                  length=steps)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
-    return pages, state, _scatter_outputs(state, slots, outs)
+    return pages, mtp_pages, state, _scatter_outputs(state, slots, outs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
@@ -320,14 +333,17 @@ class PagedEngine(Engine):
     max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
     must have its MTP layer); its pages come out of the same pool budget.
+    speculative_max_batch: a decode call with more running sequences than this is plain
+    (verifying k + 1 tokens per row no longer pays once a step is compute-bound); the MTP
+    layer still follows it, so drafts are current when the load falls. None: no limit.
     """
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
                  steps_per_call: int = 4, *, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 512,
                  prefix_caching: bool = True, attn_impl: str | None = None,
-                 speculative_tokens: int = 0, mesh: Mesh | None = None,
-                 rules: Rules | str | None = None):
+                 speculative_tokens: int = 0, speculative_max_batch: int | None = None,
+                 mesh: Mesh | None = None, rules: Rules | str | None = None):
         if not 0 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f'max_seq_len must be between 1 and the model context of '
                              f'{cfg.max_position_embeddings}, got {max_seq_len}')
@@ -351,6 +367,8 @@ class PagedEngine(Engine):
         self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size
         self.prefix_caching = prefix_caching
         self.num_drafts = speculative_tokens
+        self.spec_max_batch = max_batch if speculative_max_batch is None else \
+            speculative_max_batch
         # A decode call's most new positions per sequence: every step may emit k + 1.
         self.call_tokens = steps_per_call * (speculative_tokens + 1)
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
@@ -505,7 +523,7 @@ class PagedEngine(Engine):
             by_age = self._by_age()
             decoding = [s for s in by_age if self._filling[s] is None]
             mixed = one_step or len(decoding) < len(by_age)
-            steps = 1 if mixed else self.call_tokens
+            steps = 1 if mixed else self._call_tokens(len(decoding))
             short = next((s for s in decoding if not self.manager.reserve(
                 self._slot_seq[s], int(min(self._bound[s] + steps, self._limit[s])))), None)
             if short is None:
@@ -579,22 +597,28 @@ class PagedEngine(Engine):
 
     # ---- the device calls ----
 
+    def _call_tokens(self, n: int) -> int:
+        """The most positions a decode call of n sequences adds to each."""
+        speculate = self.num_drafts and n <= self.spec_max_batch
+        return self.call_tokens if speculate else self.steps_per_call
+
     def _decode(self, slots: list[int], rows: int) -> tuple[StepOutput, jax.Array | None]:
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
         table = self.manager.page_table_array([self._slot_seq[s] for s in slots], rows)
-        out, accepted = self._run_decode((padded, np.array([len(slots)], np.int32), table))
-        self._bound[slots] = np.minimum(self._bound[slots] + self.call_tokens,
+        out, accepted = self._run_decode((padded, np.array([len(slots)], np.int32), table),
+                                         speculate=len(slots) <= self.spec_max_batch)
+        self._bound[slots] = np.minimum(self._bound[slots] + self._call_tokens(len(slots)),
                                         self._limit[slots])
         self.last_rows = rows
         return local(out), accepted
 
-    def _run_decode(self, host: tuple) -> tuple[StepOutput, jax.Array | None]:
+    def _run_decode(self, host: tuple, speculate: bool) -> tuple[StepOutput, jax.Array | None]:
         with jax.set_mesh(self.layout.mesh):
-            if not self.num_drafts:
-                self.pages, self.state, out = _generate(
-                    self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
-                    self.state, *self.layout.put(host))
+            if not (self.num_drafts and speculate):
+                self.pages, self.mtp_pages, self.state, out = _generate(
+                    self.cfg, self.decode_impl, self.steps_per_call, self.num_drafts,
+                    self.params, self.pages, self.mtp_pages, self.state, *self.layout.put(host))
                 return out, None
             self.pages, self.mtp_pages, self.state, out, accepted = _speculate(
                 self.cfg, self.decode_impl, self.steps_per_call, self.params, self.pages,
@@ -724,9 +748,14 @@ class PagedEngine(Engine):
                 np.full((B, bitmask_words(self.vocab_size)), -1, np.int32))))
             if progress is not None:
                 progress(i + 1, total)
-        for i, rows in enumerate(self.row_buckets):
-            jax.block_until_ready(self._run_decode(
-                (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))))
+        for i, (before, rows) in enumerate(zip((0, *self.row_buckets), self.row_buckets)):
+            host = (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))
+            # The calls of before + 1 .. rows sequences: speculative, plain, or (a bucket
+            # across speculative_max_batch) both.
+            kinds = [True] * (bool(self.num_drafts) and before < self.spec_max_batch) + [
+                False] * (not self.num_drafts or rows > self.spec_max_batch)
+            for speculate in kinds:
+                jax.block_until_ready(self._run_decode(host, speculate))
             if progress is not None:
                 progress(len(self.token_buckets) + i + 1, total)
         self.reset()

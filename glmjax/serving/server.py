@@ -74,6 +74,9 @@ _SPECULATIVE = flags.DEFINE_enum('speculative', None, ['mtp'], 'mtp: decode spec
 _SPEC_TOKENS = flags.DEFINE_integer('num_speculative_tokens', 1, '--speculative=mtp: drafts '
                                     'per sequence and step (more than 1 applies the MTP layer '
                                     'to its own output)', lower_bound=1)
+_SPEC_MAX_BATCH = flags.DEFINE_integer('speculative_max_batch', None, '--speculative=mtp: decode '
+                                       'calls of more running sequences than this are plain '
+                                       '(default: no limit)', lower_bound=1)
 flags.register_multi_flags_validator(
     ['speculative', 'engine'], lambda f: f['speculative'] is None or f['engine'] == 'paged',
     '--speculative=mtp needs --engine=paged (drafts are verified over KV pages)')
@@ -202,6 +205,7 @@ def make_engine(cfg: GlmConfig, params: dict, mesh):
                        max_num_batched_tokens=_BATCHED_TOKENS.value,
                        prefix_caching=_PREFIX_CACHING.value,
                        speculative_tokens=_SPEC_TOKENS.value if _SPECULATIVE.value else 0,
+                       speculative_max_batch=_SPEC_MAX_BATCH.value,
                        mesh=mesh, rules=_RULES.value)
 
 
