@@ -162,7 +162,9 @@ def main(argv):
     widest = max(batches)
     longest = max(len(p) for p in mixed + ids['code'] + ids['chat'])
     prompt_tokens = sum(len(mixed[s % len(mixed)]) for s in range(widest))
-    margin = prompt_tokens // (CHUNK - widest) + 4 + 2 * _STEPS.value * (max(ks) + 1)
+    # (Twice the estimate of the first: chunks also wait for pages; a row that still runs
+    # out of context stops the run with an error, never a wrong figure.)
+    margin = 2 * (prompt_tokens // (CHUNK - widest)) + 64 + 2 * _STEPS.value * (max(ks) + 1)
     max_seq_len = min(cfg.max_position_embeddings,
                       -(-(longest + _NEW.value + margin) // PAGE) * PAGE)
     engines = {}
