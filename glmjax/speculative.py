@@ -80,8 +80,8 @@ class Verified:
 
 @struct.dataclass
 class SpecRows:
-    """Per-row state between speculative steps, [R] rows (the paged engine's slot state
-    plus the drafts)."""
+    """Per-row state between speculative steps, [R] rows; the paged engine's SlotState is
+    this, [max_batch] rows."""
     tokens: jax.Array  # [R] i32: the last token x_n, whose K/V the next step writes at n
     lengths: jax.Array  # [R] i32: n, positions held in the main and the MTP pages
     drafts: jax.Array  # [R, k] i32: proposals for x_{n+1}..x_{n+k}

@@ -61,7 +61,6 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.sharding import Mesh
 
 from glmjax.cache import kv_bytes_per_token
@@ -93,20 +92,10 @@ from glmjax.token_mask import bitmask_words
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
 
 
-@struct.dataclass
-class SlotState:
-    """Per-slot decode state, [B] = [max_batch] rows, as GlmEngine's DecodeState without the
-    cache."""
-    tokens: jax.Array  # [B] i32: each slot's last token, the next decode input
-    lengths: jax.Array  # [B] i32: positions whose K/V is in the pages; the next goes there
-    done: jax.Array  # [B] bool: free or finished
-    generated: jax.Array  # [B] i32
-    max_new: jax.Array  # [B] i32
-    stop_ids: jax.Array  # [B, MAX_STOP_IDS] i32, -1 unused
-    counts: jax.Array  # [B, V] i32
-    prompt_mask: jax.Array  # [B, V] bool
-    sampling: SamplingParams
-    drafts: jax.Array  # [B, k] i32: MTP proposals for the tokens after `tokens` (k may be 0)
+# Per-slot decode state, [B] = [max_batch] rows: GlmEngine's DecodeState without the cache,
+# plus each slot's drafts ([B, k], k = 0 without speculation), which is what a speculative step
+# reads and returns.
+SlotState = SpecRows
 
 
 @dataclasses.dataclass
@@ -271,22 +260,16 @@ def _speculate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, 
     each step accepted, [max_batch, steps] (-1: the row did not decode)."""
     R, B = slots.shape[0], state.tokens.shape[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
-    spec = SpecRows(tokens=rows.tokens, lengths=rows.lengths, drafts=rows.drafts,
-                    done=rows.done, generated=rows.generated, max_new=rows.max_new,
-                    stop_ids=rows.stop_ids, counts=rows.counts, prompt_mask=rows.prompt_mask,
-                    sampling=rows.sampling)
 
     def step(carry, _):
-        pages, mtp_pages, spec = carry
-        pages, mtp_pages, spec, out = speculative_step(cfg, params, pages, mtp_pages, spec,
+        pages, mtp_pages, rows = carry
+        pages, mtp_pages, rows, out = speculative_step(cfg, params, pages, mtp_pages, rows,
                                                        page_indices, num_seqs,
                                                        attn_impl=attn_impl)
-        return (pages, mtp_pages, spec), out
+        return (pages, mtp_pages, rows), out
 
-    (pages, mtp_pages, spec), outs = jax.lax.scan(step, (pages, mtp_pages, spec), None,
+    (pages, mtp_pages, rows), outs = jax.lax.scan(step, (pages, mtp_pages, rows), None,
                                                   length=steps)
-    rows = rows.replace(tokens=spec.tokens, lengths=spec.lengths, drafts=spec.drafts,
-                        done=spec.done, generated=spec.generated, counts=spec.counts)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(R, -1, *x.shape[3:])  # noqa: E731
     valid = flat(outs.valid)  # [R, steps * (k + 1)]
@@ -597,17 +580,20 @@ class PagedEngine(Engine):
 
     # ---- the device calls ----
 
+    def _speculates(self, n: int) -> bool:
+        """Whether a decode call of n sequences is speculative."""
+        return bool(self.num_drafts) and n <= self.spec_max_batch
+
     def _call_tokens(self, n: int) -> int:
         """The most positions a decode call of n sequences adds to each."""
-        speculate = self.num_drafts and n <= self.spec_max_batch
-        return self.call_tokens if speculate else self.steps_per_call
+        return self.call_tokens if self._speculates(n) else self.steps_per_call
 
     def _decode(self, slots: list[int], rows: int) -> tuple[StepOutput, jax.Array | None]:
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
         table = self.manager.page_table_array([self._slot_seq[s] for s in slots], rows)
         out, accepted = self._run_decode((padded, np.array([len(slots)], np.int32), table),
-                                         speculate=len(slots) <= self.spec_max_batch)
+                                         speculate=self._speculates(len(slots)))
         self._bound[slots] = np.minimum(self._bound[slots] + self._call_tokens(len(slots)),
                                         self._limit[slots])
         self.last_rows = rows
@@ -615,7 +601,7 @@ class PagedEngine(Engine):
 
     def _run_decode(self, host: tuple, speculate: bool) -> tuple[StepOutput, jax.Array | None]:
         with jax.set_mesh(self.layout.mesh):
-            if not (self.num_drafts and speculate):
+            if not speculate:
                 self.pages, self.mtp_pages, self.state, out = _generate(
                     self.cfg, self.decode_impl, self.steps_per_call, self.num_drafts,
                     self.params, self.pages, self.mtp_pages, self.state, *self.layout.put(host))
@@ -752,8 +738,8 @@ class PagedEngine(Engine):
             host = (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))
             # The calls of before + 1 .. rows sequences: speculative, plain, or (a bucket
             # across speculative_max_batch) both.
-            kinds = [True] * (bool(self.num_drafts) and before < self.spec_max_batch) + [
-                False] * (not self.num_drafts or rows > self.spec_max_batch)
+            kinds = [True] * self._speculates(before + 1) + [False] * (
+                not self._speculates(rows))
             for speculate in kinds:
                 jax.block_until_ready(self._run_decode(host, speculate))
             if progress is not None:
