@@ -185,8 +185,8 @@ async def chat(backend: Backend, metrics: Metrics, body: T.ChatRequest):
         gen_requests, backend, body, prompt, body.max_completion_tokens or body.max_tokens,
         n_logprobs, 'messages', constraint, contract.starts_in_reasoning(text), budget)
     rid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
-    said = conversation('', [(m['role'], _text_of(m)) for m in messages])
     if moderator is not None:
+        said = conversation('', [(m['role'], _text_of(m)) for m in messages])
         await moderator.check_prompt(said)
     handles = backend.generate_all(requests)
     streams = [metrics.track(h, len(prompt)) for h in handles]

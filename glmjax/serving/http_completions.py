@@ -48,8 +48,8 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
         return requests, owners
 
     requests, owners = await asyncio.to_thread(checked)
-    said = {id(p): conversation('', [('user', backend.decode(p))]) for p in prompts}
-    if moderator is not None:
+    if moderator is not None:  # what the classifier reads, per prompt
+        said = {id(p): conversation('', [('user', backend.decode(p))]) for p in prompts}
         for p in prompts:
             await moderator.check_prompt(said[id(p)])
     handles = backend.generate_all(requests)
