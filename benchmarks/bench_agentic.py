@@ -10,7 +10,7 @@ same work (the completion tokens are printed to check it).
 
 The script starts nothing. Start a paged server with prefix caching on, then one with it off
 (the demo model's context is 4,096 tokens), for example:
-  .venv/bin/glmjax-serve --engine paged --max_seq_len 4096 --max_batch 8 --http_port 8000
+  .venv/bin/glmjax-serve --max_seq_len 4096 --max_batch 8 --http_port 8000
   .venv/bin/python benchmarks/bench_agentic.py --url http://127.0.0.1:8000 --label on
   (again with --noprefix_caching, --label off)
 or give both servers at once, run one after the other, with their ratio printed:

@@ -3,7 +3,7 @@ prompt (4K tokens by default) is sent; how much do the streams stall while it is
 
 The script starts nothing. Start a server first, for example (the demo model's context is
 4,096 tokens, so its long prompt is 4,000 tokens and 8 out):
-  .venv/bin/glmjax-serve --engine paged --max_seq_len 4096 --max_batch 16 --grpc_port 50051
+  .venv/bin/glmjax-serve --max_seq_len 4096 --max_batch 16 --grpc_port 50051
   .venv/bin/python benchmarks/bench_long_prompt.py --target 127.0.0.1:50051
 
 Prompts are plain text tokenized by the server (its Tokenize RPC), trimmed to exact lengths,

@@ -1,7 +1,7 @@
 """Decode speed and bandwidth utilisation of a real-width slice of GLM-4.6: the real hidden
 size, heads, experts and vocabulary, fewer layers (3 dense + the rest MoE, as the model
-starts), random weights, through the serving engine (GlmEngine: a scan of decode steps per
-call, reading only the filled part of the KV cache).
+starts), random weights, through the serving engine (PagedEngine: a scan of decode steps per
+call over the KV pages of the running rows; the prompts are computed first, untimed).
 
   python3 benchmarks/bench_slice.py --layers 4 --batches 1,64                 # accelerator
   python3 benchmarks/bench_slice.py --layers 2 --experts 16 --context 64 \\
@@ -44,7 +44,8 @@ def main(argv):
 
     from glmjax import GlmConfig
     from glmjax.model import init_params
-    from glmjax.serving.engine import GlmEngine, SlotSettings
+    from glmjax.serving.engine import SlotSettings
+    from glmjax.serving.paged_engine import PagedEngine
 
     base = GlmConfig.preset(_PRESET.value)
     L = _LAYERS.value
@@ -65,13 +66,15 @@ def main(argv):
     print(f'{"batch":>5} | {"ms/step":>18} | {"tokens/s":>10} | {"MB read/step":>12} | '
           f'{"GB/s":>7} | utilisation')
     for B in [int(b) for b in _BATCHES.value.split(',')]:
-        engine = GlmEngine(cfg, params, max_batch=B, max_seq_len=T + S * (R + 2),
-                           steps_per_call=S, prefill_chunk=min(T, 2048))
+        engine = PagedEngine(cfg, params, max_batch=B, max_seq_len=T + S * (R + 2),
+                             steps_per_call=S, max_num_batched_tokens=max(B, 2048))
         rng = np.random.RandomState(B)
         for slot in range(B):
             prompt = rng.randint(0, cfg.vocab_size, T).tolist()
             engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
-        jax.block_until_ready(engine.generate())  # compile
+        while any(f is not None for f in engine._filling):  # the prompts, in mixed steps
+            jax.block_until_ready(engine.generate())
+        jax.block_until_ready(engine.generate())  # compile the decode call
         times = []
         for _ in range(R):
             start = time.perf_counter()

@@ -25,7 +25,7 @@ import time
 
 # Measured slowest first (seconds on a quiet 2-core machine, one file at a time).
 SLOWEST = ('test_multihost_serving', 'test_paged_engine_spec', 'test_paged_engine',
-           'test_engine', 'test_serving_paged', 'test_serving', 'test_inference',
+           'test_serving_paged', 'test_serving', 'test_inference',
            'test_sharding', 'test_serving_constrained', 'test_demo_model_server')
 
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from glmjax import corpus
-from glmjax.serving.engine import GlmEngine
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.server import DEMO_NAME, load_model, start_http
 from glmjax.serving.service import GlmServer
 
@@ -19,7 +19,7 @@ TIMEOUT = 120
 def url():
     cfg, params, tok, name = load_model()
     assert name == DEMO_NAME
-    server = GlmServer(GlmEngine(cfg, params, 4, 512, 8), tok, cfg, name, 64).start()
+    server = GlmServer(PagedEngine(cfg, params, 4, 512, 8), tok, cfg, name, 64).start()
     server.warmup()
     front = start_http(server, None, None, '127.0.0.1', 0)
     yield f'http://127.0.0.1:{front.port}'

@@ -17,9 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from glmjax import generate
-from glmjax.serving.engine import GlmEngine
 from glmjax.serving.lockstep import EXIT_PEER_LOST
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import load_model
 from glmjax.serving.service import GlmServer
@@ -119,15 +118,18 @@ def tokens(stub, req) -> list[int]:
 
 
 def test_two_processes_serve_like_one(pair):
+    """Page tables are decided by the same host calls in every process, so the followers
+    stay in lockstep; prefix caching included (half the prompts share 40 tokens)."""
     rng = random.Random(0)
-    reqs = [greedy([rng.randrange(700) for _ in range(rng.randrange(1, 60))],
-                   rng.randrange(4, 40)) for _ in range(16)]
+    system = [rng.randrange(700) for _ in range(40)]
+    reqs = [greedy(system * (i % 2) + [rng.randrange(700) for _ in range(rng.randrange(1, 60))],
+                   rng.randrange(4, 40)) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda r: tokens(pair.stub, r), reqs))
 
     # The same requests on a single-process server over one device.
     cfg, params, tok, _ = load_model()  # glmjax-serve's embedded default, as the pair's
-    single = GlmServer(GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg,
+    single = GlmServer(PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg,
                        'single', 32).start()
     try:
         single.warmup()
@@ -157,28 +159,8 @@ def test_embeddings_across_two_processes_equal_one_device(pair):
     assert r.status_code == 200, r.text
     together = np.array([d['embedding'] for d in r.json()['data']])
     cfg, params, _, _ = load_model()
-    alone = GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS).embed(inputs)
+    alone = PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS).embed(inputs)
     np.testing.assert_allclose(together, alone, atol=2e-5)
-
-
-def test_two_processes_serve_the_paged_engine_like_one_device(tmp_path):
-    """The paged engine's page tables are decided by the same host calls in every process,
-    so the followers stay in lockstep; prefix caching included (shared prompt prefixes)."""
-    paged = Pair(tmp_path, ['--engine=paged', '--page_size=8'])
-    try:
-        rng = random.Random(2)
-        system = [rng.randrange(700) for _ in range(20)]
-        reqs = [greedy(system + [rng.randrange(700) for _ in range(rng.randrange(1, 30))],
-                       rng.randrange(4, 30)) for _ in range(8)]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda r: tokens(paged.stub, r), reqs))
-        cfg, params, _, _ = load_model()
-        # Both stop after an eos id, which they return.
-        assert together == [generate(cfg, params, [list(r.token_ids)], r.max_tokens)[0]
-                            for r in reqs]
-        assert 'process 1 follows process 0' in paged.log(1)
-    finally:
-        paged.stop()
 
 
 def test_a_dead_follower_stops_both_processes(pair):

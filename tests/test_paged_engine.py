@@ -1,7 +1,8 @@
 """The paged engine: its forward equals the contiguous one, its tokens equal `generate` and
-GlmEngine's, prefix caching changes no output, every page comes back, a step runs only the
-active rows, a long prompt is computed across steps while the others decode, and a pool too
-small for everyone preempts without changing any output.
+those of one sequence sampled alone over a contiguous cache, prefix caching changes no
+output, every page comes back, a step runs only the active rows, a long prompt is computed
+across steps while the others decode, and a pool too small for everyone preempts without
+changing any output.
 
 Every engine here has the same pool, page table and chunk shapes, so the compiled steps are
 shared across tests (the tiny model still takes seconds to compile each)."""
@@ -11,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmjax import generate
+from glmjax import generate, hidden_states
 from glmjax.cache import init_cache
 from glmjax.demo import tiny_glm46
-from glmjax.inference import prefill
+from glmjax.inference import decode, prefill
 from glmjax.model import init_params
 from glmjax.paged_inference import init_pages, paged_forward
-from glmjax.serving.engine import GlmEngine, SlotSettings
+from glmjax.sampling import sample
+from glmjax.serving.engine import SlotSettings
 from glmjax.serving.paged_engine import PagedEngine
 
 PAGE, CHUNK, MAX_SEQ, PAGES = 8, 12, 64, 48  # chunks of 12 are not aligned to pages of 8
@@ -56,15 +58,14 @@ def collect(eng, out, settings, free_done=False):
 
 def run(eng, ps, settings, prefixes=None):
     """Every prompt in its own slot, all decoded together; returns the tokens per prompt.
-    (GlmEngine's insert returns the first token; PagedEngine's comes from generate.)"""
+    (insert returns no token: the first comes from generate.)"""
     out = [[] for _ in ps]
     for slot, p in enumerate(ps):
         prefix = eng.prefill(p)
         if prefixes is not None:
             prefixes.append(prefix)
         first = eng.insert(prefix, slot, settings[slot])
-        assert np.asarray(first.valid).any() == isinstance(eng, GlmEngine)
-        out[slot] += np.asarray(first.tokens)[np.asarray(first.valid)].tolist()
+        assert not np.asarray(first.valid).any()
     return collect(eng, out, settings)
 
 
@@ -155,7 +156,7 @@ def test_prefix_cache_shares_pages_and_changes_no_output(model):
     assert on.manager.pool.num_free == on.manager.pool.allocatable
     again = on.prefill(ps[1])
     assert again.cached_tokens == 32
-    on.free_prefix(again)
+    on.manager.finish(again.seq_id)
 
 
 def test_every_page_returns_after_random_requests(model):
@@ -182,11 +183,35 @@ def test_every_page_returns_after_random_requests(model):
     assert eng.manager.stats.prefix_cache_hits > 0 and pool.num_cached > 0
 
 
-def test_sampling_equals_glm_engine(model):
-    """Temperature, top_k/top_p, penalties, logit_bias and seeds: the same tokens as
-    GlmEngine for the same settings (one sampler, keys from seed and output index)."""
+_prefill = jax.jit(prefill, static_argnums=0)
+_decode = jax.jit(decode, static_argnums=0)
+
+
+def reference(model, prompt: list[int], s: SlotSettings) -> list[int]:
+    """One sequence alone over a contiguous cache, sampled as a request is (keys from its
+    seed and output index, penalties from its counts and prompt): what the engine must give."""
     cfg, params = model
-    ps = prompts([9, 14, 3], seed=2)  # one prompt bucket of GlmEngine: fewer compiles
+    V = cfg.vocab_size
+    tokens = np.zeros((1, MAX_SEQ), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    logits, cache = _prefill(cfg, params, tokens, np.array([len(prompt)], np.int32),
+                             init_cache(cfg, 1, 2 * MAX_SEQ, jnp.float32))
+    counts, seen = np.zeros((1, V), np.int32), np.zeros((1, V), bool)
+    seen[0, prompt] = True
+    out = []
+    for i in range(s.max_new):
+        token = int(sample(logits, s.sampling(), counts, seen, np.array([i], np.int32))[0][0])
+        out.append(token)
+        counts[0, token] += 1
+        logits, cache = _decode(cfg, params, np.array([token], np.int32), cache)
+    return out
+
+
+def test_sampling_equals_one_sequence_alone(model):
+    """Temperature, top_k/top_p, penalties, logit_bias and seeds, three sequences in one
+    batch: each gets the tokens it gets alone over a contiguous cache (one sampler, keys
+    from seed and output index)."""
+    ps = prompts([9, 14, 3], seed=2)
     settings = [
         SlotSettings(max_new=8, temperature=0.9, top_k=50, seed=11, repetition_penalty=1.3,
                      logit_bias=((5, 4.0), (17, -100.0))),
@@ -195,9 +220,9 @@ def test_sampling_equals_glm_engine(model):
         SlotSettings(max_new=8, temperature=0.0, repetition_penalty=1.5,
                      logit_bias=((3, 2.0),)),
     ]
-    slot_engine = GlmEngine(cfg, params, max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3,
-                            prefill_chunk=16)
-    assert run(engine(model), ps, settings) == run(slot_engine, ps, settings)
+    want = [reference(model, p, s) for p, s in zip(ps, settings)]
+    assert run(engine(model), ps, settings) == want
+    assert len({tuple(w) for w in want}) == 3 and want[0] != want[1]
 
 
 def test_a_pool_too_small_preempts_and_changes_no_output(model):
@@ -260,11 +285,12 @@ def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
     assert eng._in_use == [False] * 4
 
 
-def test_embed_equals_the_slot_engine(model):
+def test_embed_is_the_normalised_mean_of_the_hidden_states(model):
     cfg, params = model
-    ps = prompts([5, 30, 1])
-    np.testing.assert_allclose(engine(model).embed(ps),
-                               GlmEngine(cfg, params, 2, 64).embed(ps), atol=1e-6)
+    ps = prompts([5, 30, 1, 17, 40])
+    h = [np.asarray(hidden_states(cfg, params, jnp.asarray([p])))[0].mean(0) for p in ps]
+    np.testing.assert_allclose(engine(model).embed(ps), [v / np.linalg.norm(v) for v in h],
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize('axes', [{'expert': 4, 'tensor': 2}, {'data': 2, 'expert': 4}])
@@ -282,3 +308,5 @@ def test_on_a_mesh_greedy_equals_generate(model, axes):
     assert k.sharding.is_equivalent_to(sharding.pages_shardings(cfg, mesh, k), k.ndim)
     if 'tensor' in axes:  # kv heads split over tensor, as the contiguous cache's
         assert {s.data.shape[0] for s in k.addressable_shards} == {cfg.num_key_value_heads // 2}
+    inputs = prompts([3, 40, 17, 1, 9], seed=6)
+    np.testing.assert_allclose(eng.embed(inputs), engine(model).embed(inputs), atol=1e-5)

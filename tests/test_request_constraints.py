@@ -1,9 +1,8 @@
 """Output constraints and reasoning budgets at the API edges: what a request may ask for over
 HTTP (response_format, structured_outputs, guided_*, a forced tool_choice, reasoning.max_tokens)
 and gRPC (the GenerateRequest `constraint` oneof, reasoning_budget), parsed into the one
-GenRequest, compiled at validation (an unsupported schema feature is a 400 naming it), and
-refused with the same message by both APIs while the engine does not apply masks
-(GlmServer.constrained_decoding)."""
+GenRequest, compiled at validation (an unsupported schema feature is a 400 naming it, with the same
+message on both APIs), and handed to the engine."""
 
 import types
 
@@ -34,7 +33,6 @@ TOOLS = [{'type': 'function', 'function': {'name': 'get_weather', 'parameters': 
         'type': 'object', 'properties': {}}}}]
 SCHEMA = {'type': 'object', 'properties': {'a': {'type': 'integer'}}, 'required': ['a']}
 CHAT, TEXT = '/v1/chat/completions', '/v1/completions'
-NOT_YET = 'structured output needs the paged engine (glmjax-serve --engine=paged)'
 
 
 @pytest.fixture(scope='module')
@@ -62,12 +60,6 @@ def server(tokenizer):
 def backend(server):
     server[0].requests = []
     return server[0]
-
-
-@pytest.fixture
-def enabled(monkeypatch):
-    """The engine applies constraints (what the engine integration turns on)."""
-    monkeypatch.setattr(GlmServer, 'constrained_decoding', True)
 
 
 def post(server, path, body):
@@ -160,32 +152,6 @@ def test_starts_in_reasoning():
 
 # ---- HTTP: end to end over the app ------------------------------------------------------
 
-REFUSED = [
-    (CHAT, {'response_format': {'type': 'json_object'}}, 'response_format'),
-    (CHAT, {'response_format': {'type': 'json_schema', 'json_schema': {'name': 'x',
-                                                                       'schema': SCHEMA}}},
-     'response_format'),
-    (CHAT, {'structured_outputs': {'regex': '[a-z]+'}}, 'structured_outputs'),
-    (CHAT, {'guided_choice': ['yes', 'no']}, 'guided_choice'),
-    (CHAT, {'tools': TOOLS, 'tool_choice': 'required'}, 'tool_choice'),
-    (CHAT, {'tools': TOOLS, 'tool_choice': {'type': 'function',
-                                            'function': {'name': 'get_time'}}}, 'tool_choice'),
-    (CHAT, {'reasoning': {'max_tokens': 10}}, 'reasoning.max_tokens'),
-    (TEXT, {'response_format': {'type': 'json_object'}}, 'response_format'),
-    (TEXT, {'structured_outputs': {'choice': ['a', 'b']}}, 'structured_outputs'),
-]
-
-
-@pytest.mark.parametrize('path, extra, param', REFUSED, ids=[f'{p}-{f}' for p, _, f in REFUSED])
-def test_refused_until_the_engine_applies_masks(backend, server, path, extra, param):
-    body = {'messages': USER} if path == CHAT else {'prompt': 'x'}
-    err = error(post(server, path, {**body, **extra}))
-    assert (err['code'], err['param']) == ('unsupported_field', param)
-    what = 'a reasoning budget' if param == 'reasoning.max_tokens' else 'structured output'
-    assert err['message'].startswith(f'{param}: {what} needs the paged engine')
-    assert backend.requests == []
-
-
 @pytest.mark.parametrize('extra, spec', [
     ({'response_format': {'type': 'json_schema', 'json_schema': {'name': 'x',
                                                                  'schema': SCHEMA}}},
@@ -196,7 +162,7 @@ def test_refused_until_the_engine_applies_masks(backend, server, path, extra, pa
     ({'tools': TOOLS, 'tool_choice': {'type': 'function', 'function': {'name': 'get_time'}}},
      ConstraintSpec.tool_call(TOOLS, 'get_time')),
 ])
-def test_chat_request_reaches_the_backend_with_its_constraint(enabled, backend, server, extra,
+def test_chat_request_reaches_the_backend_with_its_constraint(backend, server, extra,
                                                               spec):
     r = post(server, CHAT, {'messages': USER, 'n': 2, **extra})
     assert r.status_code == 200, r.text
@@ -209,7 +175,7 @@ class Answer(pydantic.BaseModel):
     days: list[int]
 
 
-def test_openai_sdk_parse_sends_a_schema_the_server_compiles(enabled, backend, server):
+def test_openai_sdk_parse_sends_a_schema_the_server_compiles(backend, server):
     client = openai.OpenAI(base_url=server[1] + '/v1', api_key='none', max_retries=0)
     # Thinking is on: the engine ends the reasoning with </think> before the answer.
     backend.script = '</think>{"city": "Paris", "days": [1, 2]}'
@@ -222,7 +188,7 @@ def test_openai_sdk_parse_sends_a_schema_the_server_compiles(enabled, backend, s
     assert spec.kind == 'json_schema' and '"additionalProperties":false' in spec.text
 
 
-def test_thinking_and_the_budget(enabled, backend, server):
+def test_thinking_and_the_budget(backend, server):
     schema = {'response_format': {'type': 'json_object'}}
     assert post(server, CHAT, {'messages': USER, 'reasoning': {'max_tokens': 64},
                                **schema}).status_code == 200
@@ -238,7 +204,7 @@ def test_thinking_and_the_budget(enabled, backend, server):
     assert (backend.requests[-1].constraint, backend.requests[-1].reasoning_budget) == (None, 0)
 
 
-def test_completions_carry_the_constraint(enabled, backend, server):
+def test_completions_carry_the_constraint(backend, server):
     r = post(server, TEXT, {'prompt': ['Answer: ', '<|user|>\nhi<|assistant|>'],
                             'structured_outputs': {'choice': ['yes', 'no']}})
     assert r.status_code == 200, r.text
@@ -278,7 +244,7 @@ def test_unsupported_schema_feature_is_a_400_naming_it(backend, server, extra, f
     ({'tools': TOOLS, 'tool_choice': 'required', 'response_format': {'type': 'json_object'}},
      'response_format'),
 ])
-def test_malformed_values_are_400s_naming_the_field(enabled, backend, server, body, param):
+def test_malformed_values_are_400s_naming_the_field(backend, server, body, param):
     err = error(post(server, CHAT, {'messages': USER, **body}))
     assert err['param'] == param, err
     assert backend.requests == []
@@ -347,7 +313,7 @@ def test_grpc_reasoning_from_the_prompt(tokenizer):
     ({'reasoning_budget': -1}, 'reasoning_budget', None),
     ({'token_ids': [-5], 'text': '', 'regex': 'a'}, 'token_ids[0]', None),
 ])
-def test_grpc_invalid_constraints_name_the_field(enabled, tokenizer, fields, field, code):
+def test_grpc_invalid_constraints_name_the_field(tokenizer, fields, field, code):
     with pytest.raises(InvalidRequest) as e:
         build_request(pb.GenerateRequest(**{'text': '<|assistant|>', **fields}), tokenizer,
                       LIMITS)
@@ -359,11 +325,11 @@ def test_same_messages_on_both_apis(backend, server, tokenizer):
     with pytest.raises(InvalidRequest) as e:
         build_request(pb.GenerateRequest(text='x', reasoning_budget=-1), tokenizer, LIMITS)
     assert http['message'].replace('reasoning.max_tokens', 'reasoning_budget') == str(e.value)
-    http = error(post(server, CHAT, {'messages': USER, 'structured_outputs': {'regex': 'a'}}))
+    http = error(post(server, CHAT, {'messages': USER, 'structured_outputs': {'regex': '(a'}}))
     with pytest.raises(InvalidRequest) as e:
-        build_request(pb.GenerateRequest(text='x', regex='a'), tokenizer, LIMITS)
+        build_request(pb.GenerateRequest(text='x', regex='(a'), tokenizer, LIMITS)
     assert http['message'].replace('structured_outputs', 'regex') == str(e.value)
-    assert e.value.code == 'unsupported_field' and NOT_YET in str(e.value)
+    assert http['code'] == e.value.code
 
 
 @pytest.fixture
@@ -372,7 +338,7 @@ def grpc_server(tokenizer):
     and answers at once: what reaches the engine side, without an engine."""
     cfg = GlmConfig.from_hf(DEMO_MODEL)
     engine = types.SimpleNamespace(max_batch=2, capacity=128, max_seq_len=128,
-                                   steps_per_call=1, supports_constraints=False)
+                                   steps_per_call=1)
     server = GlmServer(engine, tokenizer, cfg, 'demo', 4).start()
     server.ready, submitted = True, []
 
@@ -387,22 +353,14 @@ def grpc_server(tokenizer):
     server.grpc.stop(grace=0).wait()
 
 
-def test_grpc_refuses_then_accepts_when_the_engine_applies_masks(grpc_server, monkeypatch):
+def test_grpc_constraints_reach_the_engine_and_unenforceable_ones_do_not(grpc_server):
     stub, submitted, server = grpc_server
-    assert list(stub.Generate(pb.GenerateRequest(text='x'), timeout=30))[-1].finish_reason \
-        == pb.STOP  # unconstrained: as ever
-    submitted.clear()
-    request = pb.GenerateRequest(text='<|user|>\nhi<|assistant|>', json_object=True,
-                                 reasoning_budget=16)
-    with pytest.raises(grpc.RpcError) as e:
-        list(stub.Generate(request, timeout=30))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details().startswith(f'json_object: {NOT_YET}')
-    assert submitted == []
-    with pytest.raises(grpc.RpcError) as e:  # a schema it cannot enforce comes first
+    with pytest.raises(grpc.RpcError) as e:  # a schema it cannot enforce
         list(stub.Generate(pb.GenerateRequest(text='x', json_schema='{"not": {}}'), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and '"not"' in e.value.details()
-
-    monkeypatch.setattr(server, 'constrained_decoding', True)
+    assert submitted == []
+    request = pb.GenerateRequest(text='<|user|>\nhi<|assistant|>', json_object=True,
+                                 reasoning_budget=16)
     responses = list(stub.Generate(request, timeout=30))
     assert responses[-1].finish_reason == pb.STOP and len(submitted) == 1
+    assert submitted[0].matcher is not None

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from glmjax import forward, generate
-from glmjax.serving import engine
-from glmjax.serving.engine import GlmEngine
+from glmjax.serving import paged_engine
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.service import GlmServer
 
@@ -26,7 +26,7 @@ MAX_BATCH, MAX_SEQ_LEN, STEPS = 4, 128, 4
 RPC_TIMEOUT = 60  # seconds: every call is bounded
 
 
-class SlowEngine(GlmEngine):
+class SlowEngine(PagedEngine):
     """A device that takes 0.1 s per call, so that requests stay in their slots a while;
     clearing `running` holds every call until it is set again (however slow the machine)."""
 
@@ -35,13 +35,13 @@ class SlowEngine(GlmEngine):
         self.running = threading.Event()
         self.running.set()
 
-    def generate(self):
+    def generate(self, allowed=None):
         self.running.wait()
         time.sleep(0.1)
-        return super().generate()
+        return super().generate(allowed)
 
 
-def make_server(model, engine_class=GlmEngine, **kwargs) -> GlmServer:
+def make_server(model, engine_class=PagedEngine, **kwargs) -> GlmServer:
     cfg, params, tok = model
     eng = engine_class(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS)
     server = GlmServer(eng, tok, cfg, 'test-tiny', kwargs.pop('max_queue', 64), **kwargs)
@@ -103,7 +103,7 @@ def test_health_is_serving_and_reflection_lists_the_services(served):
 
 def test_health_is_not_serving_before_warmup(model):
     cfg, params, tok = model
-    server = GlmServer(GlmEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg, 'x',
+    server = GlmServer(PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg, 'x',
                        4).start()
     try:
         with grpc.insecure_channel(f'127.0.0.1:{server.port}') as channel:
@@ -150,8 +150,8 @@ def test_text_prompt_streams_text_that_decodes_the_tokens(served):
 
 
 def test_no_recompilation_after_warmup(served):
-    fns = (engine._empty_prefix, engine._prefill_chunk, engine._insert, engine._generate,
-           engine._free)
+    fns = (paged_engine._bind, paged_engine._generate, paged_engine._mixed,
+           paged_engine._mark_done)
     before = [f._cache_size() for f in fns]
     for i, p in enumerate(prompts(6, seed=2)):
         run(served.stub, request(p, max_tokens=5 + i, sampling=dict(

@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from glmjax import generate
-from glmjax.serving.engine import GlmEngine, SlotSettings
+from glmjax.serving.engine import SlotSettings
 from glmjax.serving.orchestrator import Request
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import start_http
 from glmjax.serving.service import GlmServer
@@ -22,7 +23,7 @@ RPC_TIMEOUT = 60
 STEP_S = 0.05  # a slow device: 100 tokens take 100 / STEPS * STEP_S = 1.25 s or more
 
 
-class SlowEngine(GlmEngine):
+class SlowEngine(PagedEngine):
     """STEP_S per call; clearing `running` holds every call until it is set again."""
 
     def __init__(self, *args, **kwargs):
@@ -30,10 +31,10 @@ class SlowEngine(GlmEngine):
         self.running = threading.Event()
         self.running.set()
 
-    def generate(self):
+    def generate(self, allowed=None):
         self.running.wait()
         time.sleep(STEP_S)
-        return super().generate()
+        return super().generate(allowed)
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import pytest
 
 import hf_tiny
 from glmjax.serving import default_model
-from glmjax.serving.engine import GlmEngine
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import load_model
 from glmjax.serving.service import GlmServer
@@ -38,7 +38,7 @@ def test_served_greedy_equals_transformers(hf_dir, source, tmp_path):
     cfg, params, tok, name = load_model(**{source: path}, dtype='float32')
     assert name == 'ckpt' and tok.kind == 'tokenizers'
     assert cfg.vocab_size == tok.vocab_size and len(cfg.eos_token_ids) == 3
-    server = GlmServer(GlmEngine(cfg, params, max_batch=2, max_seq_len=32, steps_per_call=4),
+    server = GlmServer(PagedEngine(cfg, params, max_batch=2, max_seq_len=32, steps_per_call=4),
                        tok, cfg, name, max_queue=4).start()
     try:
         server.warmup()

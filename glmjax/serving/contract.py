@@ -8,8 +8,7 @@ into the engine's per-slot settings.
 
 An output constraint (structured output, a forced tool call) is compiled here too, through the
 server's ConstraintCompiler, so that a schema feature it cannot enforce is refused before the
-request is queued (compiled grammars are cached: the engine's matcher costs nothing more);
-`engine_support` then refuses what the engine does not apply yet.
+request is queued (compiled grammars are cached: the engine's matcher costs nothing more).
 """
 
 import dataclasses
@@ -193,22 +192,6 @@ def check_constraint(spec: ConstraintSpec, compiler: ConstraintCompiler | None,
     except UnsupportedConstraint as e:
         what = str(e) if e.feature == spec.kind else f'cannot enforce {e.feature!r}: {e}'
         raise InvalidRequest(field, what, 'unsupported_constraint') from None
-
-
-def engine_support(r: GenRequest, supported: bool, constraint_field: str = 'constraint',
-                   budget_field: str = 'reasoning_budget') -> None:
-    """The one place that refuses a request the engine cannot apply yet: constraints and
-    reasoning budgets need the engine to mask logits. Both APIs call it as they hand the
-    request to the server; `supported` is GlmServer.constrained_decoding."""
-    if supported:
-        return
-    refused = 'needs the paged engine (glmjax-serve --engine=paged); this server runs the ' \
-              'slot engine, so the request is refused rather than answered without it'
-    if r.constraint is not None:
-        raise InvalidRequest(constraint_field, f'structured output {refused}',
-                             'unsupported_field')
-    if r.reasoning_budget is not None and r.reasoning:
-        raise InvalidRequest(budget_field, f'a reasoning budget {refused}', 'unsupported_field')
 
 
 # One compiler per tokenizer, shared by both APIs (the gRPC service and the HTTP backend hold

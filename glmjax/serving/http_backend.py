@@ -27,7 +27,6 @@ class EngineBackend:
         self.vocab_size = cfg.vocab_size
         self.eos_ids = tuple(cfg.eos_token_ids)
         self.ready, self.draining = ready, draining
-        self.constrained_decoding = orchestrator.engine.supports_constraints
         self.moderation = None  # safety_model's classifier; None: the default file
 
     @property
@@ -79,7 +78,7 @@ class EngineBackend:
         out = {'running': s['busy_slots'], 'waiting': s['queued'],
                'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
         engine_metrics = getattr(self.orchestrator.engine, 'metrics', None)
-        if engine_metrics is not None:  # a paged engine: pages used / pages, cache hits
+        if engine_metrics is not None:  # pages used / pages, cache hits, drafts
             out.update(engine_metrics())
         return out
 

@@ -16,7 +16,6 @@ from glmjax.serving import openai_types as T
 from glmjax.serving.chat import ChatTemplate
 from glmjax.serving.constraints import ConstraintCompiler, ConstraintSpec, UnsupportedConstraint
 from glmjax.serving.contract import GenRequest, InvalidRequest, Limits
-from glmjax.serving.service import GlmServer
 
 
 @dataclasses.dataclass
@@ -63,10 +62,8 @@ class Backend(Protocol):
     eos_ids: tuple[int, ...]
     chat_template: ChatTemplate
     # Optional (read with getattr): the grammar compiler of the model's tokenizer (without
-    # one, and without a `tokenizer` to build it from, constrained requests are refused),
-    # and whether the engine applies constraints (default: GlmServer.constrained_decoding).
+    # one, and without a `tokenizer` to build it from, constrained requests are refused).
     constraints: ConstraintCompiler | None
-    constrained_decoding: bool
 
     def ready(self) -> bool: ...
     def draining(self) -> bool: ...
@@ -247,11 +244,6 @@ def compiler_of(backend: Backend) -> ConstraintCompiler | None:
     return compiler
 
 
-def constrained_decoding(backend: Backend) -> bool:
-    supported = getattr(backend, 'constrained_decoding', None)
-    return GlmServer.constrained_decoding if supported is None else bool(supported)
-
-
 LOGIT_BIAS_KEY = re.compile(r'-?[0-9]{1,12}')
 
 
@@ -297,7 +289,6 @@ def gen_requests(backend: Backend, body: T.Sampling, prompt: list[int], max_toke
         if body.seed is not None:
             contract.check(dataclasses.replace(base, seed=body.seed + body.n - 1),
                            limits(backend), compiler=compiler, **fields)
-        contract.engine_support(base, constrained_decoding(backend), **fields)
     except InvalidRequest as e:
         raise ApiError.invalid(e) from None
     return [dataclasses.replace(base, seed=None if body.seed is None else body.seed + i)

@@ -6,7 +6,7 @@ the same jitted calls, with the same arguments, in the same order.
                      | engine calls                            ^
                      v                                         |
                   LeaderEngine --- one line of JSON per call --+ (TCP, leader listens)
-                     |  then the same call on its own GlmEngine      the same call
+                     |  then the same call on its own PagedEngine    the same call
                      v                                               v
                   jitted call  <======== collectives over the mesh ========>  jitted call
 
@@ -32,7 +32,7 @@ import zlib
 
 import numpy as np
 
-from glmjax.serving.engine import Engine, EngineLost, GlmEngine, Prefix, SlotSettings, StepOutput
+from glmjax.serving.engine import Engine, EngineLost, Prefix, SlotSettings, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Leader:
 class LeaderEngine(Engine):
     """The leader's engine: each call goes to the followers first, then runs here."""
 
-    def __init__(self, engine: GlmEngine, leader: Leader):
+    def __init__(self, engine: Engine, leader: Leader):
         self.engine, self.leader = engine, leader
         self.max_batch, self.max_seq_len = engine.max_batch, engine.max_seq_len
         self.vocab_size, self.steps_per_call = engine.vocab_size, engine.steps_per_call
@@ -207,10 +207,6 @@ class LeaderEngine(Engine):
         return self._call({'op': 'insert', 'slot': slot, 'settings': settings.to_json()},
                           lambda: self.engine.insert(prefix, slot, settings))
 
-    @property
-    def supports_constraints(self) -> bool:
-        return self.engine.supports_constraints
-
     def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
         if allowed is None:
             return self._call({'op': 'generate'}, self.engine.generate)
@@ -245,7 +241,7 @@ def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
             time.sleep(0.2)
 
 
-def follow(engine: GlmEngine, process: int, address: tuple[str, int], timeout: float,
+def follow(engine: Engine, process: int, address: tuple[str, int], timeout: float,
            connect_timeout: float = 600.0, interval: float = HEARTBEAT_S) -> int:
     """A follower's life: make every call the leader makes, until it says stop (returns 0).
     When the leader is gone or silent for `timeout` seconds, the process exits at once with

@@ -39,7 +39,7 @@ class Metrics:
         self.waiting = Gauge('glmjax:num_requests_waiting', 'Requests queued', registry=r)
         self.kv_usage = Gauge('glmjax:kv_cache_usage_perc', 'KV-cache use, 0 to 1',
                               registry=r)
-        # Totals since start, from a paged engine (absent with the slot engine).
+        # Totals since start, from the engine.
         self.engine_totals = {
             key: Gauge(f'glmjax:{key}', what, registry=r) for key, what in (
                 ('prefix_cache_queries', 'Prompt tokens looked up in the prefix cache'),

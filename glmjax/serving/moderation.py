@@ -7,7 +7,7 @@ per stage (`prompt`, `response`) a `user` message in which `{content}` is the co
 so far, and the `choices` the verdict is constrained to (a stage may have its own): "safe",
 or "unsafe" with a category after a colon ("unsafe: violence"). The verdict is decoded
 greedily under a choice constraint (glmjax/serving/constraints.py), so it is always one of
-them; that needs an engine with constrained decoding (the paged engine).
+them.
 
 An unsafe prompt is refused with a 400 whose code is `content_policy_violation` and whose
 message names the category. An unsafe answer ends with `finish_reason: "content_filter"`:
@@ -32,7 +32,6 @@ from glmjax.serving.http_common import (
     Backend,
     GenEvent,
     compiler_of,
-    constrained_decoding,
     limits,
 )
 
@@ -115,10 +114,6 @@ class Moderator:
             raise ApiError(400, f'safety_model {name!r} is not served here; it can name '
                            f'{", ".join(repr(n) for n in backend.served_names)}',
                            'safety_model', 'model_not_found')
-        if not constrained_decoding(backend):
-            raise ApiError(400, 'safety_model: the verdict is decoded under a choice '
-                           'constraint, which needs the paged engine (glmjax-serve '
-                           '--engine=paged)', 'safety_model', 'unsupported_field')
         moderation = getattr(backend, 'moderation', None) or Moderation.load()
         return cls(backend, name, moderation)
 

@@ -309,14 +309,14 @@ class Orchestrator:
             self._prune_pending()
         self._run_embeds()
         self._release()
-        current = self._admit()
+        self._admit()
         with self._cond:
             snapshot = list(self._slots)
         allowed = self._masks(snapshot)
-        if any(r is not None for r in snapshot):
-            out = self.engine.generate() if allowed is None else self.engine.generate(allowed)
-            current.append((out, snapshot))
-        return current, allowed is not None
+        if not any(r is not None for r in snapshot):
+            return [], False
+        out = self.engine.generate() if allowed is None else self.engine.generate(allowed)
+        return [(out, snapshot)], allowed is not None
 
     def _masks(self, slots: list[Request | None]) -> np.ndarray | None:
         """The bitmask of every slot's next token, when some request is constrained (the
@@ -380,8 +380,9 @@ class Orchestrator:
                 return self._pending.popleft()
             return None
 
-    def _admit(self) -> list[tuple[StepOutput, list[Request | None]]]:
-        firsts = []
+    def _admit(self) -> None:
+        """Binds waiting requests to free slots; their prompts are computed by the next
+        generate calls, which also sample their first tokens."""
         for slot in range(len(self._slots)):
             if self._slots[slot] is not None:
                 continue
@@ -392,7 +393,7 @@ class Orchestrator:
             try:
                 prefix = self.engine.prefill(req.prompt)
                 req.cached_tokens = prefix.cached_tokens
-                first = self.engine.insert(prefix, slot, req.settings)
+                self.engine.insert(prefix, slot, req.settings)
             except Exception as e:
                 if isinstance(e, EngineLost) or self.engine.lost() is not None:
                     raise
@@ -402,13 +403,11 @@ class Orchestrator:
                 req.finish('error', f'request {req.id} failed to start: '
                            f'{type(e).__name__}: {e}')
                 continue
-            firsts.append((first, [req]))
             with self._cond:
                 if self._lost is not None:  # aborted while this request was being admitted
                     req.finish('unavailable', self._lost)
                     break
                 self._slots[slot] = req
-        return firsts
 
     def _emit(self, outputs: list[tuple[StepOutput, list[Request | None]]]) -> None:
         """Fetches finished calls and hands their tokens to the detokenize thread."""

@@ -5,8 +5,8 @@ of failing.
 
 What lives where:
 - the device holds one page pool per layer (`KVPages`, [K, P, L, H] each) shared by every
-  sequence, and per slot the decode state that GlmEngine keeps (last token, length, done,
-  sampling rows, penalty counts, prompt mask, stop ids, max_new);
+  sequence, and per slot the decode state (last token, length, done, sampling rows,
+  penalty counts, prompt mask, stop ids, max_new);
 - the host holds the bookkeeping (`PageManager`: page tables, reference counts, the prefix
   cache) and decides every page table, so the device never allocates; and per slot the
   tokens it still has to compute and the tokens it generated (fetched two calls late, when
@@ -25,7 +25,7 @@ The calls, as the orchestrator makes them:
   decoding slots. Rows are padded to the smallest of `row_buckets` and tokens to the
   smallest of `token_buckets` (a mixed step has max_batch rows: what it costs is its
   tokens), all compiled at warm-up: one sequence alone decodes in a 1-row step. Outputs
-  are scattered back to [max_batch, steps_per_call] (GlmEngine's shapes).
+  are scattered back to [max_batch, steps_per_call].
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
 
@@ -37,7 +37,7 @@ output is the same as if it had never stopped. The oldest sequence is never pree
 newer one, so every request finishes. Admission asks only for the pages of a prompt;
 `capacity` bounds what one request may ask for in all.
 
-As in GlmEngine, a row that is done on the device (a stop id, its budget) runs on until the
+A row that is done on the device (a stop id, its budget) runs on until the
 host frees it, neither advancing nor emitting: it rewrites the K/V at its current length, a
 position in a page it owns alone, never a shared one (shared pages are full, committed
 pages).
@@ -92,18 +92,10 @@ from glmjax.token_mask import bitmask_words
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
 
 
-# Per-slot decode state, [B] = [max_batch] rows: GlmEngine's DecodeState without the cache,
-# plus each slot's drafts ([B, k], k = 0 without speculation), which is what a speculative step
+# Per-slot decode state, [B] = [max_batch] rows: what sampling reads and advances, plus each
+# slot's drafts ([B, k], k = 0 without speculation), which is what a speculative step
 # reads and returns.
 SlotState = SpecRows
-
-
-@dataclasses.dataclass
-class PagedPrefix(Prefix):
-    """A begun sequence (no `cache`, no `logits`): its pages under `seq_id`, its prompt in
-    `prompt`; `tokens` [1, max_seq_len] is the padded prompt, for insert's prompt mask."""
-    seq_id: int = -1
-    prompt: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -311,7 +303,7 @@ class PagedEngine(Engine):
 
     max_batch: concurrent sequences (slots). The pool has `num_pages` pages of `page_size`
     positions (page 0 is scratch), or as many as `kv_cache_bytes` holds; by default enough
-    for max_batch full-length sequences, GlmEngine's capacity. Its dtype is the weights'.
+    for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
@@ -430,7 +422,7 @@ class PagedEngine(Engine):
     def bucket(self, n: int) -> int:
         return prompt_bucket(self.buckets, n, self.max_seq_len)
 
-    def prefill(self, tokens: list[int]) -> PagedPrefix:
+    def prefill(self, tokens: list[int]) -> Prefix:
         n = len(tokens)
         if not 0 < n <= self.max_seq_len:
             raise ValueError(f'a prompt of {n} tokens: need 1 to max_seq_len={self.max_seq_len}')
@@ -438,12 +430,9 @@ class PagedEngine(Engine):
         cached = self.manager.begin(seq, tokens, budget=1)  # chunks take pages as they run
         if cached is None:
             raise OutOfPages(self._short(1, f'a prompt of {n} tokens'))
-        padded = np.zeros((1, self.max_seq_len), np.int32)  # one shape for _bind
-        padded[0, :n] = tokens
-        return PagedPrefix(cache=None, logits=None, tokens=padded, length=n, seq_id=seq,
-                           cached_tokens=cached, prompt=tuple(tokens))
+        return Prefix(seq_id=seq, prompt=tuple(tokens), cached_tokens=cached)
 
-    def insert(self, prefix: PagedPrefix, slot: int, settings: SlotSettings) -> StepOutput:
+    def insert(self, prefix: Prefix, slot: int, settings: SlotSettings) -> StepOutput:
         try:
             if self._in_use[slot]:
                 raise ValueError(f'slot {slot} is in use; free it first')
@@ -452,7 +441,9 @@ class PagedEngine(Engine):
                                  f'got {len(settings.stop_ids)}')
             stop = np.full((MAX_STOP_IDS,), -1, np.int32)
             stop[:len(settings.stop_ids)] = settings.stop_ids
-            host = (prefix.tokens, np.int32(prefix.length), np.int32(slot),
+            padded = np.zeros((1, self.max_seq_len), np.int32)  # one shape for _bind
+            padded[0, :prefix.length] = prefix.prompt
+            host = (padded, np.int32(prefix.length), np.int32(slot),
                     settings.sampling(), np.int32(settings.max_new), stop)
             with jax.set_mesh(self.layout.mesh):
                 self.state = _bind(self.vocab_size, self.state, *self.layout.put(host))
@@ -471,8 +462,6 @@ class PagedEngine(Engine):
         self._limit[slot] = min(prefix.length + settings.max_new,
                                 self.max_pages_per_seq * self.page_size)
         return self._no_tokens(1)
-
-    supports_constraints = True  # generate takes a bitmask
 
     def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
         """allowed: [max_batch, ceil(V / 32)] int32, each slot's constrained-decoding bitmask
@@ -745,7 +734,3 @@ class PagedEngine(Engine):
             if progress is not None:
                 progress(len(self.token_buckets) + i + 1, total)
         self.reset()
-
-    def free_prefix(self, prefix: PagedPrefix) -> None:
-        """Drops a begun sequence that will not be inserted."""
-        self.manager.finish(prefix.seq_id)

@@ -37,7 +37,8 @@ from glmjax.config import GlmConfig
 from glmjax.progress import Progress
 from glmjax.serving import lockstep
 from glmjax.serving.chat import ChatTemplate
-from glmjax.serving.engine import EngineLost, GlmEngine
+from glmjax.serving.engine import EngineLost
+from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.service import GlmServer
 from glmjax.serving.tokenizer import Tokenizer
 from glmjax.sharding import distributed
@@ -59,27 +60,21 @@ _MAX_SEQ_LEN = flags.DEFINE_integer('max_seq_len', 512, 'prompt + output tokens 
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'requests waiting for a slot; beyond it '
                                   'Generate answers RESOURCE_EXHAUSTED')
 _STEPS = flags.DEFINE_integer('decode_steps', 4, 'decode steps per device call')
-_ENGINE = flags.DEFINE_enum('engine', 'slots', ['slots', 'paged'], 'slots: a contiguous KV '
-                            'cache of max_seq_len per slot; paged: a pool of KV pages with '
-                            'prefix caching, decode steps sized to the running sequences')
-_PAGE_SIZE = flags.DEFINE_integer('page_size', 16, '--engine=paged: tokens per KV page')
-_KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, '--engine=paged: GiB of KV pages '
-                                  '(default: max_batch sequences of max_seq_len)')
-_PREFIX_CACHING = flags.DEFINE_boolean('prefix_caching', True, '--engine=paged: share the '
-                                       'KV pages of repeated prompt prefixes')
+_PAGE_SIZE = flags.DEFINE_integer('page_size', 16, 'tokens per KV page')
+_KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, 'GiB of KV pages (default: max_batch '
+                                  'sequences of max_seq_len)')
+_PREFIX_CACHING = flags.DEFINE_boolean('prefix_caching', True, 'share the KV pages of '
+                                       'repeated prompt prefixes')
 _SPECULATIVE = flags.DEFINE_enum('speculative', None, ['mtp'], 'mtp: decode speculatively, '
                                   'drafting with the checkpoint\'s MTP layer and verifying the '
                                   'drafts in one forward (greedy output unchanged, sampled '
-                                  'output keeps its distribution); needs --engine=paged')
+                                  'output keeps its distribution)')
 _SPEC_TOKENS = flags.DEFINE_integer('num_speculative_tokens', 1, '--speculative=mtp: drafts '
                                     'per sequence and step (more than 1 applies the MTP layer '
                                     'to its own output)', lower_bound=1)
 _SPEC_MAX_BATCH = flags.DEFINE_integer('speculative_max_batch', None, '--speculative=mtp: decode '
                                        'calls of more running sequences than this are plain '
                                        '(default: no limit)', lower_bound=1)
-flags.register_multi_flags_validator(
-    ['speculative', 'engine'], lambda f: f['speculative'] is None or f['engine'] == 'paged',
-    '--speculative=mtp needs --engine=paged (drafts are verified over KV pages)')
 _MODERATION = flags.DEFINE_string('moderation_prompt', None, 'JSON file of the instructions and '
                                   'verdicts with which the model classifies requests that ask '
                                   'for safety_model (default: glmjax/serving/moderation.json)')
@@ -98,10 +93,8 @@ _MESH = flags.DEFINE_string('mesh', None, 'device mesh over all devices of all p
                             'device (required with several processes)')
 _RULES = flags.DEFINE_enum('rules', 'decode_ep', list(PRESETS), 'how weights and the KV '
                            'cache are laid out over the mesh (sharding/rules.py)')
-_PREFILL_CHUNK = flags.DEFINE_integer('prefill_chunk', 512, '--engine=slots: prompt tokens per '
-                                      'prefill call; longer prompts are prefilled in chunks')
-_BATCHED_TOKENS = flags.DEFINE_integer('max_num_batched_tokens', 512, '--engine=paged: tokens '
-                                       'per step, one per decoding sequence plus prompt chunks '
+_BATCHED_TOKENS = flags.DEFINE_integer('max_num_batched_tokens', 512, 'tokens per step, one '
+                                       'per decoding sequence plus prompt chunks '
                                        '(a long prompt is computed across steps while the '
                                        'others decode); at least --max_batch')
 _LOCKSTEP_PORT = flags.DEFINE_integer('lockstep_port', None, 'several processes: the port on '
@@ -193,11 +186,7 @@ def _mesh(processes: int) -> jax.sharding.Mesh | None:
         raise app.UsageError(f'--mesh: {e}') from None
 
 
-def make_engine(cfg: GlmConfig, params: dict, mesh):
-    if _ENGINE.value == 'slots':
-        return GlmEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
-                         mesh=mesh, rules=_RULES.value, prefill_chunk=_PREFILL_CHUNK.value)
-    from glmjax.serving.paged_engine import PagedEngine
+def make_engine(cfg: GlmConfig, params: dict, mesh) -> PagedEngine:
     gb = _KV_CACHE_GB.value
     return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
                        page_size=_PAGE_SIZE.value,

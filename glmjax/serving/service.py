@@ -26,7 +26,6 @@ from glmjax.serving.contract import (
     Limits,
     check,
     constraint_compiler,
-    engine_support,
     matcher,
     slot_settings,
     starts_in_reasoning,
@@ -117,11 +116,8 @@ def gen_request(msg, tokenizer: Tokenizer) -> GenRequest:
 
 
 def build_request(msg, tokenizer: Tokenizer, limits: Limits,
-                  deadline: float | None = None,
-                  constrained_decoding: bool | None = None) -> Request:
-    """Checks every field of a GenerateRequest; InvalidRequest names the one at fault.
-    constrained_decoding: whether the engine applies constraints (None: the GlmServer
-    default, as the HTTP front reads it)."""
+                  deadline: float | None = None) -> Request:
+    """Checks every field of a GenerateRequest; InvalidRequest names the one at fault."""
     if msg.max_tokens < 0:
         raise InvalidRequest('max_tokens', f'must be >= 0, got {msg.max_tokens}')
     r = gen_request(msg, tokenizer)
@@ -132,9 +128,6 @@ def build_request(msg, tokenizer: Tokenizer, limits: Limits,
     check(r, limits, sampling_prefix='sampling.',
           tokens_field='token_ids' if msg.token_ids else 'prompt', compiler=compiler,
           **fields)
-    if constrained_decoding is None:
-        constrained_decoding = GlmServer.constrained_decoding
-    engine_support(r, constrained_decoding, **fields)
     return Request(r.prompt_ids, slot_settings(r, limits), tokenizer, tuple(r.stop),
                    r.logprobs or 0, deadline, matcher(r, tokenizer, limits))
 
@@ -163,8 +156,7 @@ class GlmServicer(pb_grpc.GlmServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
-            req = build_request(request, self.s.tokenizer, self.s.limits, deadline,
-                                self.s.constrained_decoding)
+            req = build_request(request, self.s.tokenizer, self.s.limits, deadline)
             self.s.orchestrator.submit(req)
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -259,11 +251,6 @@ class GlmServer:
     """The gRPC server around one engine. start() listens at once (health NOT_SERVING);
     warmup() compiles and turns health to SERVING; shutdown() drains then stops."""
 
-    # Whether the engine applies output constraints and reasoning budgets (token masks):
-    # where it does not, both APIs refuse a request that asks for one
-    # (contract.engine_support) rather than answer it unconstrained. Per server: its engine's.
-    constrained_decoding = False
-
     def __init__(self, engine: Engine, tokenizer: Tokenizer, cfg: GlmConfig, model_name: str,
                  max_queue: int, host: str = '127.0.0.1', port: int = 0,
                  api_key: str | None = None, tls: tuple[bytes, bytes] | None = None):
@@ -271,7 +258,6 @@ class GlmServer:
         self.engine, self.tokenizer, self.cfg, self.model_name = engine, tokenizer, cfg, model_name
         self.limits = Limits(cfg.vocab_size, engine.capacity, tuple(eos))
         self.orchestrator = Orchestrator(engine, max_queue)
-        self.constrained_decoding = engine.supports_constraints
         self.ready = self.stopping = False
         self.failure: str | None = None
         workers = engine.max_batch + max_queue + 8  # every waiting stream holds a thread

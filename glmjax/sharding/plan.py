@@ -142,7 +142,7 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
     one_token = cache_shapes(cfg, data, 1, kvdtype)  # one token per row on each data shard
     one_token = with_shardings(one_token, cache_shardings(cfg, mesh, one_token, rules))
     kv_token_device = bytes_per_device((one_token.k, one_token.v))
-    # The paged engine (--engine=paged): one pool per layer, heads split as the cache's,
+    # The serving engine's KV pages: one pool per layer, heads split as the cache's,
     # pages not split, so every device holds a slice of every page.
     one_page = jax.eval_shape(lambda: init_pages(cfg, 1, page_size, kvdtype))
     page_device = bytes_per_device(with_shardings(
@@ -204,7 +204,7 @@ def report(cfg_name: str, p: dict) -> str:
         f"KV capacity: ({g(p['device_memory_bytes']).strip()} - weights - temporaries) / "
         f"{p['kv_bytes_per_token_per_device']} B per token x data {p['mesh'][DATA]} = "
         f"{p['kv_token_capacity']:,} tokens",
-        f"paged (--engine=paged, pages of {p['page_size']}): {p['kv_page_capacity']:,} pages "
+        f"KV pages of {p['page_size']} tokens: {p['kv_page_capacity']:,} pages "
         f"of {p['kv_page_bytes_per_device']:,} B on a device = "
         f"{p['kv_page_token_capacity']:,} tokens, {p['sequences_of_max_seq_len']:,} "
         f"sequences of {p['max_seq_len']:,} tokens at once (prefix sharing fits more)",
