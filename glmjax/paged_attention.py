@@ -35,6 +35,8 @@ Implementations of `ragged_paged_attention`, all computing the same function:
   any ragged batch and efficient for decode steps. Both run in interpret mode on CPU. The
   TPU one casts the K and V it loads to bf16, whatever the pool's dtype (it is made for
   bf16 caches): with an fp32 pool it is as exact as bf16 K/V.
+On a mesh (`jax.set_mesh`) each kernel runs per device, over the kv heads the device holds
+(`_over_heads`): the compiler partitions the reference, but not a Pallas call.
 """
 
 import functools
@@ -42,11 +44,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 # PAGES_AXES: the logical axes of each layer's k_pages and v_pages, mapped to the mesh like
 # the parameters (glmjax.sharding.pages_shardings).
 from glmjax.cache import PAGES_AXES  # noqa: F401
 from glmjax.config import GlmConfig
+from glmjax.mesh_axes import TENSOR
 
 IMPLS = ('reference', 'tpu_ragged', 'tpu_paged', 'gpu_paged')
 
@@ -139,12 +143,32 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         return _reference(*args, sm_scale=sm_scale, pages_per_block=pages_per_block,
                           queries_per_block=queries_per_block or QUERY_TILE)
     if impl == 'tpu_ragged':
-        return _tpu_ragged(*args, sm_scale=sm_scale, pages_per_block=pages_per_block,
-                           queries_per_block=queries_per_block, interpret=interpret)
+        return _over_heads(functools.partial(
+            _tpu_ragged, sm_scale=sm_scale, pages_per_block=pages_per_block,
+            queries_per_block=queries_per_block, interpret=interpret), *args)
     if impl in ('tpu_paged', 'gpu_paged'):
-        return _per_token_decode(impl, *args, sm_scale=sm_scale,
-                                 pages_per_block=pages_per_block, interpret=interpret)
+        return _over_heads(functools.partial(
+            _per_token_decode, impl, sm_scale=sm_scale, pages_per_block=pages_per_block,
+            interpret=interpret), *args)
     raise ValueError(f'unknown paged attention impl {impl!r}; choose one of {IMPLS}')
+
+
+def _over_heads(kernel, q, k_pages, v_pages, *batch) -> jax.Array:
+    """A kernel on the mesh set with `jax.set_mesh`: the compiler cannot partition a Pallas
+    call, so each device runs it on its own kv heads (the pool's layout: kv heads over
+    `tensor`) and their query heads, with the batch's tables replicated; the heads of a
+    group stay on one device (query head n reads kv head n // (N // K) locally too). Where
+    the kv heads do not split over `tensor`, every device computes all heads. Without a
+    mesh, the kernel as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k_pages, v_pages, *batch)
+    n = mesh.shape.get(TENSOR, 1)
+    axis = TENSOR if n > 1 and k_pages.shape[0] % n == 0 else None
+    heads, pages = P(None, axis, None), P(axis, None, None, None)
+    # Unchecked varying axes: the kernels' outputs vary over `tensor` by construction.
+    return jax.shard_map(kernel, in_specs=(heads, pages, pages) + (P(),) * len(batch),
+                         out_specs=heads, check_vma=False)(q, k_pages, v_pages, *batch)
 
 
 def _pad_pages(page_indices: jax.Array, multiple: int) -> jax.Array:

@@ -207,6 +207,33 @@ def test_decode_kernel_in_interpret_mode_equals_reference(impl):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', ['tpu_paged', 'gpu_paged'])
+@pytest.mark.parametrize('axes', [{'tensor': 2, 'expert': 4}, {'tensor': 8}])
+def test_decode_kernel_on_a_mesh_runs_per_device_and_equals_reference(impl, axes):
+    """On a mesh the compiler cannot partition a Pallas call: each device runs the kernel on
+    its kv heads (pages split over tensor, as the engine lays them out); 2 kv heads do not
+    split over tensor=8, so there every device computes all of them. Both equal the
+    reference on one device."""
+    from glmjax import sharding
+    batch, _, _ = make_batch(np.random.default_rng(6), ROWS, garbage=7.0)
+    for name in ('k_pages', 'v_pages'):
+        batch[name] = batch[name].astype(jnp.bfloat16).astype(np.float32)
+    want = np.asarray(attention(batch, pages_per_block=2))
+    mesh = sharding.make_mesh(axes)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        'tensor' if K % axes['tensor'] == 0 else None))
+    placed = {name: jax.device_put(x, split if name.endswith('_pages') else
+                                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+              for name, x in batch.items()}
+    fn = jax.jit(functools.partial(pa.ragged_paged_attention, sm_scale=SCALE, impl=impl,
+                                   pages_per_block=2, interpret=True))
+    with jax.set_mesh(mesh):
+        got = fn(**placed)
+        text = fn.lower(**placed).as_text()
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    assert 'shard_map' in text or 'manual' in text
+
+
 def test_tpu_ragged_layout_and_arguments():
     """The TPU ragged kernel cannot run in interpret mode on CPU (JAX 0.10.2): check what is
     ours instead. The interleaved pool and the arguments, given to the kernel module's own

@@ -50,7 +50,7 @@ bound a row's reservation follows is tightened to what it emitted once its token
 Mixed steps run the MTP layer over their positions too (its pages keep up) and leave each row
 its drafts, but are single-token steps themselves.
 
-Not yet (issue 15): the Pallas kernels under a mesh (the reference runs there).
+On a mesh the Pallas kernels run per device over its kv heads (paged_attention._over_heads).
 """
 
 import collections
@@ -353,10 +353,6 @@ class PagedEngine(Engine):
         self.row_buckets = row_buckets(max_batch)
         self.token_buckets = token_buckets(max_num_batched_tokens)
         mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
-        if mesh.size > 1 and attn_impl is None:
-            # The Pallas kernels would need a shard_map over kv heads; the reference is
-            # partitioned by the compiler.
-            attn_impl = 'reference'
         # Chosen here, not from the step's shape: a mixed step's rows hold chunks, so it
         # must never get the decode-only kernel, even with fewer tokens than rows.
         self.decode_impl = attn_impl or choose_impl(1, 1)
