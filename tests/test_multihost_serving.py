@@ -1,5 +1,6 @@
 """glmjax-serve over two processes (4 CPU devices each, one 8-device mesh): process 0 serves
-and decides every step, process 1 follows. They answer like a single-process server, and
+and decides every step, process 1 follows. Decoding with MTP speculation, they answer
+greedily like a single-process server without it (speculation is exact), and
 when the follower dies the leader turns NOT_SERVING, ends every stream UNAVAILABLE, and both
 processes exit non-zero."""
 
@@ -103,7 +104,8 @@ class Pair:
 
 @pytest.fixture(scope='module')
 def pair(tmp_path_factory):
-    pair = Pair(tmp_path_factory.mktemp('pair'))
+    pair = Pair(tmp_path_factory.mktemp('pair'), ['--speculative=mtp',
+                                                   '--num_speculative_tokens=2'])
     yield pair
     pair.stop()
 
@@ -148,6 +150,10 @@ def test_two_processes_serve_like_one(pair):
     info = wait_for(all_free, 30, 'all slots free')
     assert info.busy_slots == 0 and info.queued == 0
     assert 'process 1 follows process 0' in pair.log(1)
+    import httpx
+    metrics = httpx.get(pair.http + '/metrics', timeout=TIMEOUT).text
+    drafts = re.search(r'^glmjax:spec_decode_num_draft_tokens (\S+)$', metrics, re.M)
+    assert drafts and float(drafts.group(1)) > 0  # the decode calls speculated
 
 
 def test_embeddings_across_two_processes_equal_one_device(pair):

@@ -184,6 +184,10 @@ class LeaderEngine(Engine):
         # Host bookkeeping only: every follower reaches the same state from the same calls.
         return self.engine.can_admit(prompt, max_new)
 
+    def metrics(self) -> dict:
+        # The leader's own bookkeeping (pages, prefix cache, drafts): no device call.
+        return self.engine.metrics()
+
     def lost(self) -> str | None:
         # A collective that lost its peer may fail before the watch threads notice: wait.
         return self.leader.failure if self.leader.failed.wait(LOST_WAIT_S) else None
