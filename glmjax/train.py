@@ -65,12 +65,12 @@ def demo_config(vocab_size: int, eos_token_ids: tuple[int, ...] = (), pad_token_
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The defaults are the shipped demo model's run."""
-    steps: int = 640
+    steps: int = 1600
     batch: int = 8
     seq_len: int = 512
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
-    warmup: int = 40
+    warmup: int = 60
     weight_decay: float = 0.05
     clip: float = 1.0
     mtp_weight: float = 0.2
