@@ -130,6 +130,11 @@ class Engine(abc.ABC):
     def warmup(self, progress=None) -> None:
         """Compiles every shape that serving will use; `progress(done, total)` after each."""
 
+    @abc.abstractmethod
+    def metrics(self) -> dict:
+        """Host counters for /metrics (serving/metrics.py): `kv_cache_usage` and the rest
+        named as vLLM's. No device call."""
+
     def lost(self) -> str | None:
         """Asked after a device call failed: why the engine can never go on (a process of
         the mesh is gone), or None when it can."""
@@ -179,12 +184,10 @@ def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where the engine's arrays live: a mesh, and the rules that place the KV cache on it.
+    """Where the engine's arrays live: a mesh, and the rules that place the KV pages on it.
     Hashable, so the jitted functions below take it as a static argument."""
-    cfg: GlmConfig
     mesh: Mesh
     rules: Rules
-    dtype: jnp.dtype  # of the KV cache: the weights' dtype
 
     @property
     def replicated(self) -> NamedSharding:

@@ -74,13 +74,9 @@ class EngineBackend:
 
     def stats(self) -> dict[str, float]:
         s = self.orchestrator.stats()
-        slots = s['busy_slots'] + s['free_slots']
-        out = {'running': s['busy_slots'], 'waiting': s['queued'],
-               'kv_cache_usage': s['busy_slots'] / slots if slots else 0.0}
-        engine_metrics = getattr(self.orchestrator.engine, 'metrics', None)
-        if engine_metrics is not None:  # pages used / pages, cache hits, drafts
-            out.update(engine_metrics())
-        return out
+        # The engine's: pages used / pages (kv_cache_usage), prefix cache, drafts.
+        return {'running': s['busy_slots'], 'waiting': s['queued'],
+                **self.orchestrator.engine.metrics()}
 
 
 class _Events:

@@ -357,7 +357,7 @@ class PagedEngine(Engine):
         # must never get the decode-only kernel, even with fewer tokens than rows.
         self.decode_impl = attn_impl or choose_impl(1, 1)
         self.mixed_impl = attn_impl or choose_impl(2, 1)
-        self.layout = Layout(cfg, mesh, get_rules(rules), self.dtype)
+        self.layout = Layout(mesh, get_rules(rules))
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
         self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
         mtp = jax.eval_shape(lambda: init_mtp_pages(cfg, self.num_pages, page_size, self.dtype))
