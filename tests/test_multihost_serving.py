@@ -126,6 +126,10 @@ def test_two_processes_serve_like_one(pair):
     system = [rng.randrange(700) for _ in range(40)]
     reqs = [greedy(system * (i % 2) + [rng.randrange(700) for _ in range(rng.randrange(1, 60))],
                    rng.randrange(4, 40)) for i in range(16)]
+    # Constrained and sampled: the followers get each step's masks after its forward.
+    reqs += [pb.GenerateRequest(text='code:', max_tokens=20, regex='[a-c]{2,6}-[0-9]{1,3}',
+                                sampling=pb.SamplingParams(temperature=1.0, seed=seed))
+             for seed in range(3)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda r: tokens(pair.stub, r), reqs))
 
@@ -141,7 +145,9 @@ def test_two_processes_serve_like_one(pair):
     finally:
         single.shutdown(grace=5)
     assert together == alone
-    assert len({tuple(t) for t in alone}) == 16
+    assert len({tuple(t) for t in alone}) == len(reqs)
+    texts = [tok.decode([i for i in t if i not in cfg.eos_token_ids]) for t in alone[16:]]
+    assert all(re.fullmatch('[a-c]{2,6}-[0-9]{1,3}', t) for t in texts), texts
 
     def all_free():
         info = pair.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10)

@@ -35,10 +35,10 @@ class SlowEngine(PagedEngine):
         self.running = threading.Event()
         self.running.set()
 
-    def generate(self, allowed=None):
+    def generate(self, masks=None):
         self.running.wait()
         time.sleep(0.1)
-        return super().generate(allowed)
+        return super().generate(masks)
 
 
 def make_server(model, engine_class=PagedEngine, **kwargs) -> GlmServer:
@@ -150,8 +150,8 @@ def test_text_prompt_streams_text_that_decodes_the_tokens(served):
 
 
 def test_no_recompilation_after_warmup(served):
-    fns = (paged_engine._bind, paged_engine._generate, paged_engine._mixed,
-           paged_engine._mark_done)
+    fns = (paged_engine._bind, paged_engine._generate, paged_engine._mixed_forward,
+           paged_engine._mixed_sample, paged_engine._mark_done)
     before = [f._cache_size() for f in fns]
     for i, p in enumerate(prompts(6, seed=2)):
         run(served.stub, request(p, max_tokens=5 + i, sampling=dict(

@@ -31,10 +31,10 @@ class SlowEngine(PagedEngine):
         self.running = threading.Event()
         self.running.set()
 
-    def generate(self, allowed=None):
+    def generate(self, masks=None):
         self.running.wait()
         time.sleep(STEP_S)
-        return super().generate(allowed)
+        return super().generate(masks)
 
 
 @pytest.fixture(scope='module')

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from glmjax import generate
+from glmjax.serving import paged_engine
 from glmjax.serving.moderation import Moderation
 from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
@@ -164,6 +165,42 @@ def test_an_unconstrained_request_beside_them_is_unchanged(served, model):
         for f in side:
             json.loads(f.result()[0]['message']['content'])
     assert got == alone
+
+
+def test_masks_are_filled_while_the_forward_runs(served, monkeypatch):
+    """While a request is constrained, each step's forward is dispatched before the host
+    fetches the previous step's tokens (and fills the masks from them), and its sampling
+    after: the device has the forward to run while the host works, so no request beside a
+    constrained one waits on a host round trip."""
+    server, _, stub, _ = served
+    log = []
+
+    def traced(name, fn):
+        def call(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(paged_engine, '_mixed_forward',
+                        traced('forward', paged_engine._mixed_forward))
+    monkeypatch.setattr(paged_engine, '_mixed_sample',
+                        traced('sample', paged_engine._mixed_sample))
+    orch = server.orchestrator
+    emit = orch._emit
+    monkeypatch.setattr(orch, '_emit', lambda outputs: (outputs and log.append('fetch'),
+                                                         emit(outputs))[1])
+    req = pb.GenerateRequest(text='pick:', max_tokens=20, regex='[a-c]{12}',
+                             sampling=pb.SamplingParams(temperature=1.0, seed=9))
+    responses = list(stub.Generate(req, timeout=TIMEOUT))
+    text, n = ''.join(r.text for r in responses), sum(len(r.token_ids) for r in responses)
+    assert re.fullmatch('[a-c]{12}', text), text
+    steps = ''.join({'forward': 'F', 'fetch': 'T', 'sample': 'S'}[e] for e in log)
+    # (A fetch of the last test's last call may come first.) The first step (the prompt)
+    # samples the first token with no tokens before it; each later one, one more token,
+    # fetching its predecessor's between its forward and its sampling; once the request is
+    # done on the device, plain calls fetch the last ones.
+    found = re.fullmatch('T?FS((?:FTS)+)T*', steps)
+    assert found and len(found[1]) // 3 >= n - 1, (steps, n)
 
 
 def moderated(served, prompt, response):

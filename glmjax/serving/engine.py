@@ -15,6 +15,7 @@ budget; a done slot neither advances nor emits until the host frees it.
 import abc
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -108,11 +109,13 @@ class Engine(abc.ABC):
         comes with their outputs."""
 
     @abc.abstractmethod
-    def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
+    def generate(self, masks: Callable[[], np.ndarray] | None = None) -> StepOutput:
         """One device call: up to steps_per_call tokens for every running slot, [max_batch,
-        steps_per_call]. `allowed`: [max_batch, ceil(V / 32)] int32 token bitmasks
-        (glmjax.token_mask) for each slot's next token; with them the call is one step, so
-        the host can fill the next masks from its tokens."""
+        steps_per_call]. With `masks` the call is one step, and masks() is called exactly
+        once, after its forward is dispatched and before its sampling, for [max_batch,
+        ceil(V / 32)] int32 token bitmasks (glmjax.token_mask) of each slot's next token:
+        the caller fetches the previous call's tokens and fills the masks from them while
+        the device runs the forward."""
 
     @abc.abstractmethod
     def free(self, slot: int) -> None: ...

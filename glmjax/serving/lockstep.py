@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -211,13 +212,20 @@ class LeaderEngine(Engine):
         return self._call({'op': 'insert', 'slot': slot, 'settings': settings.to_json()},
                           lambda: self.engine.insert(prefix, slot, settings))
 
-    def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
-        if allowed is None:
+    def generate(self, masks: Callable[[], np.ndarray] | None = None) -> StepOutput:
+        if masks is None:
             return self._call({'op': 'generate'}, self.engine.generate)
-        # Mostly all-ones words: compressed, they cost the followers little.
-        packed = base64.b64encode(zlib.compress(allowed.tobytes(), 1)).decode()
-        return self._call({'op': 'generate', 'allowed': packed, 'shape': allowed.shape},
-                          lambda: self.engine.generate(allowed))
+
+        def sent() -> np.ndarray:
+            # The followers' forwards are running too: they wait for these masks.
+            allowed = masks()
+            # Mostly all-ones words: compressed, they cost the followers little.
+            packed = base64.b64encode(zlib.compress(allowed.tobytes(), 1)).decode()
+            self.leader.broadcast({'op': 'masks', 'allowed': packed, 'shape': allowed.shape})
+            return allowed
+
+        return self._call({'op': 'generate', 'masked': True},
+                          lambda: self.engine.generate(sent))
 
     def free(self, slot: int) -> None:
         self._call({'op': 'free', 'slot': slot}, lambda: self.engine.free(slot))
@@ -231,6 +239,10 @@ class LeaderEngine(Engine):
 
     def warmup(self, progress=None) -> None:
         self._call({'op': 'warmup'}, lambda: self.engine.warmup(progress))
+
+
+class _Abandoned(Exception):
+    """The leader sent another call where a step's token masks were due."""
 
 
 def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -291,11 +303,24 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
 
     threading.Thread(target=read, daemon=True, name='glmjax-follow-read').start()
     threading.Thread(target=heartbeat, daemon=True, name='glmjax-heartbeat').start()
-    prefix = None
-    while True:
+    def next_call() -> dict:
         with ready:
             ready.wait_for(lambda: calls)
-            message = calls.pop(0)
+            return calls.pop(0)
+
+    def masks() -> np.ndarray:
+        message = next_call()
+        if message['op'] != 'masks':
+            # The leader's host failed between the forward and the sampling: it resets (or
+            # stops) next; this call is abandoned as the leader's was.
+            calls.insert(0, message)
+            raise _Abandoned(message['op'])
+        raw = zlib.decompress(base64.b64decode(message['allowed']))
+        return np.frombuffer(raw, np.int32).reshape(message['shape']).copy()
+
+    prefix = None
+    while True:
+        message = next_call()
         op = message['op']
         if op == 'stop':
             log.info('process 0 stopped serving')
@@ -304,9 +329,11 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
             prefix = engine.prefill(message['tokens'])
         elif op == 'insert':
             engine.insert(prefix, message['slot'], SlotSettings.from_json(message['settings']))
-        elif op == 'generate' and 'allowed' in message:
-            raw = zlib.decompress(base64.b64decode(message['allowed']))
-            engine.generate(np.frombuffer(raw, np.int32).reshape(message['shape']).copy())
+        elif op == 'generate' and message.get('masked'):
+            try:
+                engine.generate(masks)
+            except _Abandoned as e:
+                log.warning('process 0 abandoned a constrained step (next call: %s)', e)
         elif op == 'generate':
             engine.generate()
         elif op == 'free':

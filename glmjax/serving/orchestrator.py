@@ -12,8 +12,10 @@
               dispatch engine.generate(): steps_per_call tokens for every slot, async
               fetch the PREVIOUS call's tokens: the device is already running the next
               call, so the host trails by one call and never stalls the device loop;
-              while some request is constrained, each call is one step with every slot's
-              token bitmask, fetched at once (the next masks follow from its tokens)
+              while some request is constrained, each call is one step whose token
+              bitmasks follow from the previous call's tokens: the engine dispatches the
+              step's forward, then asks for the masks (the host fetches those tokens and
+              fills them while the forward runs), then dispatches its sampling
         |  (request, tokens, logprobs) items
         v
     detokenize queue (unbounded: the engine thread never waits on it)
@@ -282,13 +284,7 @@ class Orchestrator:
                     self._cond.wait(timeout=0.1)
                     continue
             try:
-                current, constrained = self._step()
-                if previous:
-                    self._emit(previous)
-                previous = current
-                if constrained:  # the next masks follow from these tokens: fetch them now
-                    self._emit(previous)
-                    previous = []
+                previous = self._step(previous)
             except Exception as e:
                 # A device call can fail because a process of the mesh is gone: then stop.
                 lost = str(e) if isinstance(e, EngineLost) else self.engine.lost()
@@ -302,9 +298,10 @@ class Orchestrator:
                 self._fail_all(f'engine error: {type(e).__name__}: {e}')
         self._detok_queue.put(None)
 
-    def _step(self) -> tuple[list[tuple[StepOutput, list[Request | None]]], bool]:
-        """Dispatches the next calls; and whether one took token masks (then its tokens
-        must be fetched before the next call: the host fills each mask from them)."""
+    def _step(self, previous: list) -> list[tuple[StepOutput, list[Request | None]]]:
+        """Dispatches the next call and hands the previous one's tokens on, once the device
+        has the new call to run. While some request is constrained that is from inside the
+        call, between its forward and its sampling: the masks follow from those tokens."""
         with self._cond:
             self._prune_pending()
         self._run_embeds()
@@ -312,22 +309,31 @@ class Orchestrator:
         self._admit()
         with self._cond:
             snapshot = list(self._slots)
-        allowed = self._masks(snapshot)
         if not any(r is not None for r in snapshot):
-            return [], False
-        out = self.engine.generate() if allowed is None else self.engine.generate(allowed)
-        return [(out, snapshot)], allowed is not None
+            self._emit(previous)
+            return []
+        if not any(self._constrained(r) for r in snapshot):
+            out = self.engine.generate()
+            self._emit(previous)
+            return [(out, snapshot)]
 
-    def _masks(self, slots: list[Request | None]) -> np.ndarray | None:
-        """The bitmask of every slot's next token, when some request is constrained (the
-        others allow every token); None when none is."""
-        rows = [(s, r) for s, r in enumerate(slots)
-                if r is not None and r.matcher is not None and not r.device_done]
-        if not rows:
-            return None
+        def masks() -> np.ndarray:
+            self._emit(previous)
+            return self._masks(snapshot)
+
+        return [(self.engine.generate(masks), snapshot)]
+
+    @staticmethod
+    def _constrained(req: Request | None) -> bool:
+        return req is not None and req.matcher is not None and not req.device_done
+
+    def _masks(self, slots: list[Request | None]) -> np.ndarray:
+        """The bitmask of every slot's next token: a constrained request's from its matcher,
+        every token for the others."""
         allowed = np.full((len(slots), bitmask_words(self.engine.vocab_size)), -1, np.int32)
-        for s, r in rows:
-            r.matcher.fill(allowed, s)
+        for s, r in enumerate(slots):
+            if self._constrained(r):
+                r.matcher.fill(allowed, s)
         return allowed
 
     def _run_embeds(self) -> None:
@@ -411,6 +417,8 @@ class Orchestrator:
 
     def _emit(self, outputs: list[tuple[StepOutput, list[Request | None]]]) -> None:
         """Fetches finished calls and hands their tokens to the detokenize thread."""
+        if not outputs:
+            return
         host = jax.device_get([out for out, _ in outputs])
         for out, reqs in zip(host, (r for _, r in outputs)):
             for row, req in enumerate(reqs):

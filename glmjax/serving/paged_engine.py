@@ -57,6 +57,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -188,36 +189,63 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
     return pages, mtp_pages, state, _scatter_outputs(state, slots, outs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
-                   donate_argnames=('pages', 'mtp_pages', 'state'))
-def _mixed(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int, params: dict,
-           pages: KVPages, mtp_pages: KVPages | None, state: SlotState, tokens: jax.Array,
-           slots: jax.Array, cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
-           first: jax.Array, follow: jax.Array, num_seqs: jax.Array, page_indices: jax.Array,
-           allowed: jax.Array) -> tuple[KVPages, KVPages | None, SlotState, StepOutput]:
-    """One ragged step of decode rows (one token each, taken from the decode state) and prompt
-    chunks (tokens [T] from the host, at chunk_start [R]). decoding [R]: a decode row;
-    first [R]: a chunk that ends a new prompt, which samples the first token; follow [R]: the
-    token after a chunk that does not end its tokens (-1 otherwise); allowed
-    [R, ceil(V / 32)]: each row's constrained-decoding bitmask (all ones: free). Outputs are
-    [max_batch, steps] with only the first step's tokens valid.
-
-    With num_drafts = k > 0 the MTP layer runs over the step's positions too (each with the
-    token after it: the next one in the chunk, `follow`, the token just sampled, or for a
-    recomputed sequence's last chunk its pending input), so its pages keep up with the main
-    ones, and each row gets k drafts for the speculative steps that follow."""
+def _ragged(state: SlotState, tokens: jax.Array, slots: jax.Array, cu_q_lens: jax.Array,
+            chunk_start: jax.Array, decoding: jax.Array, num_seqs: jax.Array):
+    """A mixed step's layout: each row's state, query and KV lengths, and per token [T] its
+    row, position and input (a decode row's is its last token, from the decode state)."""
     R, T = slots.shape[0], tokens.shape[0]
-    live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
     start = jnp.where(decoding, rows.lengths, chunk_start)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     kv_lens = start + q_lens
     row, positions, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
     tokens = jnp.where(valid & decoding[row], rows.tokens[row], tokens)
+    live = jnp.arange(R) < num_seqs[0]
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, T - 1)  # [R]: each row's last token
+    return rows, live, q_lens, kv_lens, positions, tokens, last
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames='pages')
+def _mixed_forward(cfg: GlmConfig, attn_impl: str | None, num_drafts: int, params: dict,
+                   pages: KVPages, state: SlotState, tokens: jax.Array, slots: jax.Array,
+                   cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
+                   num_seqs: jax.Array, page_indices: jax.Array
+                   ) -> tuple[KVPages, jax.Array | None, jax.Array]:
+    """The model half of one ragged step of decode rows (one token each, taken from the
+    decode state) and prompt chunks (tokens [T] from the host, at chunk_start [R]);
+    decoding [R]: a decode row. Returns the pages, the hidden states [T, D] (for the MTP
+    layer; None without it) and each row's last logits [R, V]. `_mixed_sample` is the rest:
+    two calls, so that a host filling token masks from the previous step's tokens does it
+    while this one runs."""
+    _, _, _, kv_lens, positions, tokens, last = _ragged(state, tokens, slots, cu_q_lens,
+                                                        chunk_start, decoding, num_seqs)
     h, pages = paged_hidden(cfg, params, tokens, positions, pages, kv_lens, page_indices,
                             cu_q_lens, num_seqs, attn_impl=attn_impl)
-    last = jnp.clip(cu_q_lens[1:] - 1, 0, T - 1)  # [R]: each row's last token
-    logits = merge(cfg, params).logits(h[last])
+    return pages, h if num_drafts else None, merge(cfg, params).logits(h[last])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
+                   donate_argnames=('mtp_pages', 'state'))
+def _mixed_sample(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int,
+                  params: dict, mtp_pages: KVPages | None, state: SlotState,
+                  h: jax.Array | None, logits: jax.Array, tokens: jax.Array, slots: jax.Array,
+                  cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
+                  first: jax.Array, follow: jax.Array, num_seqs: jax.Array,
+                  page_indices: jax.Array, allowed: jax.Array
+                  ) -> tuple[KVPages | None, SlotState, StepOutput]:
+    """The sampling half of `_mixed_forward`'s step, over the same inputs. first [R]: a chunk
+    that ends a new prompt, which samples the first token; follow [R]: the token after a
+    chunk that does not end its tokens (-1 otherwise); allowed [R, ceil(V / 32)]: each row's
+    constrained-decoding bitmask (all ones: free). Outputs are [max_batch, steps] with only
+    the first step's tokens valid.
+
+    With num_drafts = k > 0 the MTP layer runs over the step's positions too (each with the
+    token after it: the next one in the chunk, `follow`, the token just sampled, or for a
+    recomputed sequence's last chunk its pending input), so its pages keep up with the main
+    ones, and each row gets k drafts for the speculative steps that follow."""
+    R, T = slots.shape[0], tokens.shape[0]
+    rows, live, q_lens, kv_lens, positions, tokens, last = _ragged(
+        state, tokens, slots, cu_q_lens, chunk_start, decoding, num_seqs)
     active = live & ((decoding & ~rows.done) | first)
     out, counts, generated = choose(logits, rows.sampling, rows.counts, rows.prompt_mask,
                                      rows.generated, rows.max_new, rows.stop_ids, active,
@@ -237,7 +265,7 @@ def _mixed(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int, p
                         drafts=drafts)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     pad = lambda x: jnp.zeros((R, steps) + x.shape[1:], x.dtype).at[:, 0].set(x)  # noqa: E731
-    return pages, mtp_pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
+    return mtp_pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2),
@@ -368,6 +396,7 @@ class PagedEngine(Engine):
         self.last_rows = 0  # the row bucket of the last device call (tests, metrics)
         self.last_tokens = 0  # the token bucket of the last mixed step
         self._seq_ids = itertools.count()
+        self._all_allowed: dict[int, jax.Array] = {}
         self.reset()
 
     def _pool_size(self, num_pages: int | None, kv_cache_bytes: int | None) -> int:
@@ -459,17 +488,20 @@ class PagedEngine(Engine):
                                 self.max_pages_per_seq * self.page_size)
         return self._no_tokens(1)
 
-    def generate(self, allowed: np.ndarray | None = None) -> StepOutput:
-        """allowed: [max_batch, ceil(V / 32)] int32, each slot's constrained-decoding bitmask
-        for its next token (glmjax.token_mask); with it, the call is one mixed step, so the
-        host can fill the next masks from its tokens."""
+    def generate(self, masks: Callable[[], np.ndarray] | None = None) -> StepOutput:
+        """masks: called once, after the call's forward is dispatched, for each slot's
+        constrained-decoding bitmask of its next token, [max_batch, ceil(V / 32)] int32
+        (glmjax.token_mask); with it, the call is one mixed step in two device calls,
+        forward then sampling, so the host fills the masks while the forward runs."""
         self._fetch(keep=2)  # older calls are long done: their tokens cost only a copy
         if not any(self._in_use):
+            if masks is not None:
+                masks()  # the contract: always called, so the caller's tokens are fetched
             return self._no_tokens(self.max_batch)
-        decoding, chunks, mixed = self._plan(one_step=allowed is not None)
+        decoding, chunks, mixed = self._plan(one_step=masks is not None)
         before = self._bound.copy()
         if mixed:
-            out, accepted = self._mixed(decoding, chunks, allowed), None
+            out, accepted = self._mixed(decoding, chunks, masks), None
         else:
             out, accepted = self._decode(decoding, _smallest(self.row_buckets, len(decoding)))
         growth = np.zeros_like(before)
@@ -596,15 +628,32 @@ class PagedEngine(Engine):
                 self.mtp_pages, self.state, *self.layout.put(host))
         return out, local(accepted)
 
-    def _run_mixed(self, host: tuple) -> StepOutput:
+    def _run_mixed(self, host: tuple, allowed: Callable[[], np.ndarray] | None) -> StepOutput:
+        """host: the step's arrays, as `_mixed_sample` takes them up to `allowed`, which gives
+        the rows' bitmasks [R, ceil(V / 32)] once the forward is dispatched (None: free)."""
+        (tokens, slots, cu_q_lens, starts, is_decode, first, follow, num_seqs,
+         table) = self.layout.put(host)
         with jax.set_mesh(self.layout.mesh):
-            self.pages, self.mtp_pages, self.state, out = _mixed(
+            self.pages, h, logits = _mixed_forward(
+                self.cfg, self.mixed_impl, self.num_drafts, self.params, self.pages,
+                self.state, tokens, slots, cu_q_lens, starts, is_decode, num_seqs, table)
+            masks = self._free_masks(slots.shape[0]) if allowed is None else \
+                self.layout.put(allowed())
+            self.mtp_pages, self.state, out = _mixed_sample(
                 self.cfg, self.mixed_impl, self.steps_per_call, self.num_drafts, self.params,
-                self.pages, self.mtp_pages, self.state, *self.layout.put(host))
+                self.mtp_pages, self.state, h, logits, tokens, slots, cu_q_lens, starts,
+                is_decode, first, follow, num_seqs, table, masks)
         return out
 
+    def _free_masks(self, rows: int) -> jax.Array:
+        """Every token allowed, for every row: on the device once."""
+        if rows not in self._all_allowed:
+            self._all_allowed[rows] = self.layout.put(
+                np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32))
+        return self._all_allowed[rows]
+
     def _mixed(self, decoding: list[int], chunks: list[tuple[int, int, int]],
-               allowed: np.ndarray | None) -> StepOutput:
+               masks: Callable[[], np.ndarray] | None) -> StepOutput:
         n_rows, rows = len(decoding) + len(chunks), self.max_batch
         n_tokens = len(decoding) + sum(stop - start for _, start, stop in chunks)
         T = _smallest(self.token_buckets, n_tokens)
@@ -629,11 +678,15 @@ class PagedEngine(Engine):
         cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
         seqs = [self._slot_seq[s] for s in slots[:n_rows]]
         table = self.manager.page_table_array(seqs, rows)
-        masks = np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32)
-        if allowed is not None:
-            masks[:n_rows] = allowed[slots[:n_rows]]
+
+        def allowed() -> np.ndarray:
+            rows_masks = np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32)
+            rows_masks[:n_rows] = masks()[slots[:n_rows]]
+            return rows_masks
+
         out = self._run_mixed((tokens, slots, cu_q_lens, starts, is_decode, first, follow,
-                               np.array([n_rows], np.int32), table, masks))
+                               np.array([n_rows], np.int32), table),
+                              None if masks is None else allowed)
         self._bound[decoding] = np.minimum(self._bound[decoding] + 1, self._limit[decoding])
         for s, _, stop in chunks:
             f = self._filling[s]
@@ -715,8 +768,7 @@ class PagedEngine(Engine):
             jax.block_until_ready(self._run_mixed((
                 np.zeros(T, np.int32), np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
                 np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool),
-                np.full(B, -1, np.int32), none, self.manager.page_table_array([], B),
-                np.full((B, bitmask_words(self.vocab_size)), -1, np.int32))))
+                np.full(B, -1, np.int32), none, self.manager.page_table_array([], B)), None))
             if progress is not None:
                 progress(i + 1, total)
         for i, (before, rows) in enumerate(zip((0, *self.row_buckets), self.row_buckets)):
