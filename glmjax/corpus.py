@@ -523,6 +523,29 @@ def pack(corpus: Corpus, seq_len: int, seed: int, doc_fraction: float = 0.6) -> 
     return np.stack(rows)
 
 
+def heldout_mix(tokenizer, tool_conversations: int = 600, seed: int = 7) -> Corpus:
+    """The held-out text in the training mix, for `pack`: the held-out files' code stream,
+    and as documents chats made from their functions and tool conversations with the
+    held-out cities, patterns and asks. The router's bias balances the mix it is trained on;
+    code alone is another distribution."""
+    rng, template = random.Random(seed), chat_template()
+    files = [(p, t) for p, t in stdlib_files() if is_held_out(p)]
+    texts = [render(template, *function_chat(fn, rng)) for p, t in files
+             for fn in functions(p, t)]
+    for _ in range(tool_conversations):
+        messages, thinking = tool_conversation(rng, held=True)
+        texts.append(render(template, messages, thinking, tools=TOOLS))
+    rng.shuffle(texts)
+    eot = tokenizer.token_to_id(EOT)
+    code = [e.ids + [eot] for e in tokenizer.encode_batch([t for _, t in files],
+                                                          add_special_tokens=False)]
+    docs = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    code = np.asarray([i for x in code for i in x], np.int32)
+    return Corpus(code=code, docs=np.asarray([i for d in docs for i in d], np.int32),
+                  doc_offsets=np.cumsum([0] + [len(d) for d in docs]).astype(np.int64),
+                  held_code=code, eval={}, meta={})
+
+
 def rows_of(stream: np.ndarray, seq_len: int, max_rows: int | None = None) -> np.ndarray:
     """A token stream cut into rows [N, seq_len + 1] (evaluation)."""
     L = seq_len + 1

@@ -482,8 +482,16 @@ def _eval_batch(cfg: GlmConfig, params: dict, tokens: jax.Array):
     return ce.sum(), ce.size, loads, agree, hits
 
 
-def heldout_figures(cfg, params, corpus, seq_len=512, max_rows=64, batch=8) -> dict:
-    from glmjax.corpus import rows_of
+def _loads_balance(loads: np.ndarray) -> list[float]:
+    """Per MoE layer: the largest expert load over the mean."""
+    return (loads.max(-1) / loads.mean(-1)).tolist()
+
+
+def heldout_figures(cfg, params, corpus, seq_len=512, max_rows=64, batch=8,
+                    mix=None) -> dict:
+    """Loss, perplexity, router balance and MTP agreement on the held-out code; with `mix`
+    (corpus.heldout_mix) the router balance on held-out text in the training mix too."""
+    from glmjax.corpus import pack, rows_of
     rows = rows_of(corpus.held_code, seq_len, max_rows)
     total, count, agree, hits, loads = 0.0, 0, 0, 0, 0
     if not len(rows):
@@ -492,16 +500,24 @@ def heldout_figures(cfg, params, corpus, seq_len=512, max_rows=64, batch=8) -> d
         ce, n, ld, a, h = _eval_batch(cfg, params, jnp.asarray(rows[i:i + batch]))
         total, count, agree, hits = total + float(ce), count + int(n), agree + int(a), hits + int(h)
         loads = loads + np.asarray(ld)
+    mixed = {}
+    if mix is not None:
+        mix_rows, mix_loads = pack(mix, seq_len, seed=0)[:max_rows], 0
+        for i in range(0, len(mix_rows), batch):
+            mix_loads = mix_loads + np.asarray(
+                _eval_batch(cfg, params, jnp.asarray(mix_rows[i:i + batch]))[2])
+        mixed = {'balance_mix_per_moe_layer': _loads_balance(mix_loads),
+                 'balance_mix_max': max(_loads_balance(mix_loads))}
     # The unigram baseline on the same targets, from the training tokens (add-one).
     counts = np.bincount(np.concatenate([corpus.code, corpus.docs]), minlength=cfg.vocab_size)
     logp = np.log((counts + 1) / (counts.sum() + cfg.vocab_size))
     unigram = float(-logp[rows[:, 1:]].mean())
-    balance = (loads.max(-1) / loads.mean(-1)).tolist()
+    balance = _loads_balance(loads)
     mtp_n = count - count // seq_len
     return {'heldout_tokens': count, 'heldout_loss': total / count,
             'heldout_ppl': math.exp(total / count), 'unigram_loss': unigram,
             'unigram_ppl': math.exp(unigram), 'balance_per_moe_layer': balance,
-            'balance_max': max(balance), 'mtp_agreement': agree / mtp_n,
+            'balance_max': max(balance), **mixed, 'mtp_agreement': agree / mtp_n,
             'mtp_accuracy': hits / mtp_n}
 
 
@@ -605,7 +621,8 @@ def evaluate(hf_dir: str, corpus_dir: str, seq_len: int = 512, max_rows: int = 6
     params = load_hf(hf_dir, cfg, jnp.float32)
     tokenizer = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, 'tokenizer.json'))
     corpus = C.Corpus.load(corpus_dir)
-    figures = heldout_figures(cfg, params, corpus, seq_len, max_rows)
+    figures = heldout_figures(cfg, params, corpus, seq_len, max_rows,
+                              mix=C.heldout_mix(tokenizer))
     figures.update(tool_figures(cfg, params, tokenizer, corpus.eval['tool_prompts']))
     figures.update(signature_figures(cfg, params, tokenizer, corpus.eval['signatures']))
     return figures

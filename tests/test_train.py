@@ -250,3 +250,26 @@ def test_demo_model_beats_unigram_on_held_out_text():
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log(p)).sum())
     assert loss < unigram - 1.0, (loss, unigram)
+
+
+@pytest.mark.skipif(not os.path.isdir(DEMO), reason='no glmjax/demo_model')
+def test_heldout_mix_is_held_out_text_in_the_training_mix():
+    """What the router balance is measured on: the held-out files' code and documents made
+    from held-out functions and tool prompts only, packed as training packs."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(os.path.join(DEMO, 'tokenizer.json'))
+    mix = C.heldout_mix(tok, tool_conversations=60)
+    held = [t for p, t in C.stdlib_files() if C.is_held_out(p)]
+    assert tok.decode(mix.code.tolist(), skip_special_tokens=False).count(C.EOT) == len(held)
+    docs = [tok.decode(mix.doc(i).tolist()) for i in range(len(mix.doc_offsets) - 1)]
+    modules = {C.module_name(p) for p, _ in C.stdlib_files() if C.is_held_out(p)}
+    chats = [d for d in docs if '` from `' in d]
+    assert chats and all(any(f'from `{m}`' in d for m in modules) for d in chats)
+    training_cities = set(C.CITIES) - set(C._held(C.CITIES, True))
+    assert not any(c in d for c in training_cities for d in docs)
+    rows = C.pack(mix, 512, seed=0)
+    code = mix.code.tobytes()
+    both = [(r == tok.token_to_id('<|user|>')).any() and code.find(r[-16:].tobytes()) >= 0
+            for r in rows[:64]]  # documents first, then a piece of the code stream
+    assert len(rows) >= 64 and sum(both) > 48, sum(both)
