@@ -11,7 +11,8 @@ chat completions at temperature 1 (one seed each) and validates every answer wit
 (goal: none; an answer cut by max_tokens counts as failing, and how many were is printed),
 each schema's grammar compile time on this tokenizer, and output tokens/s at
 --concurrency streams with every request constrained against the same requests unconstrained
-(stop tokens ignored, --max_tokens each), side by side in this run.
+(stop tokens ignored, as many tokens each), side by side in this run; and what an
+unconstrained request's own decode rate is when one request in 8 is constrained.
 
 --weights demo is the embedded demo model; random is the tiny random-weight model, which
 writes noise unless constrained.
@@ -30,7 +31,8 @@ import jsonschema
 from absl import app, flags
 
 _WEIGHTS = flags.DEFINE_enum('weights', 'demo', ['demo', 'random'], 'the model')
-_SAMPLES = flags.DEFINE_integer('samples', 200, 'sampled completions per schema and kind')
+_SAMPLES = flags.DEFINE_integer('samples', 200, 'sampled completions per schema and kind '
+                                '(0: only the compile times and the throughput)')
 _CONCURRENCY = flags.DEFINE_integer('concurrency', 8, 'requests in flight (and engine slots)')
 _ONLY = flags.DEFINE_list('only', [], 'run only the kinds whose names contain one of these, '
                           'and no throughput part')
@@ -138,13 +140,25 @@ def a_tool_call(c):
                             TOOLS[0]['function']['parameters'])
 
 
-def throughput(url, pool, **fields):
-    """(output tokens/s, tokens per answer) of 4 x concurrency requests with `fields`."""
+def throughput(url, pool, fields_of):
+    """4 x concurrency requests, the fields of request i fields_of(i): (output tokens/s in
+    all, tokens per answer, and per request (fields_of(i), its output tokens/s))."""
     n = 4 * _CONCURRENCY.value
+
+    def timed(i):
+        begin = time.perf_counter()
+        r = chat(url, i, **fields_of(i))
+        return r['usage']['completion_tokens'], time.perf_counter() - begin
+
     start = time.perf_counter()
-    out = list(pool.map(lambda s: chat(url, s, **fields), range(n)))
-    tokens = sum(r['usage']['completion_tokens'] for r in out)
-    return tokens / (time.perf_counter() - start), tokens / n
+    out = list(pool.map(timed, range(n)))
+    tokens = sum(t for t, _ in out)
+    return (tokens / (time.perf_counter() - start), tokens / n,
+            [(fields_of(i), t / dt) for i, (t, dt) in enumerate(out)])
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
 
 
 def main(argv):
@@ -177,20 +191,28 @@ def main(argv):
                                       'max_tokens': min(_MAX_TOKENS.value, 512)}, a_tool_call)
     try:
         with concurrent.futures.ThreadPoolExecutor(_CONCURRENCY.value) as pool:
-            check_many(url, pool, {k: v for k, v in kinds.items()
-                                   if not _ONLY.value or any(o in k for o in _ONLY.value)})
+            if _SAMPLES.value:
+                check_many(url, pool, {k: v for k, v in kinds.items()
+                                       if not _ONLY.value or any(o in k for o in _ONLY.value)})
             if _ONLY.value:
                 return
             fmt = {'type': 'json_schema', 'json_schema': {
                 'name': 'out', 'schema': SCHEMAS['nested, optional fields']}}
-            constrained = throughput(url, pool, response_format=fmt)
+            constrained = throughput(url, pool, lambda i: {'response_format': fmt})
             # The same number of tokens per answer, free: stop tokens ignored.
-            free = throughput(url, pool, ignore_eos=True,
-                              max_tokens=max(1, round(constrained[1])))
+            plain = {'ignore_eos': True, 'max_tokens': max(1, round(constrained[1]))}
+            free = throughput(url, pool, lambda i: plain)
+            # One request in 8 constrained: what do the others pay for it?
+            beside = throughput(url, pool, lambda i: plain if i % 8 else {'response_format': fmt})
         print(f'\n| {_CONCURRENCY.value} streams | output tok/s | tokens per answer |\n'
               f'|---|---|---|\n| unconstrained | {free[0]:.1f} | {free[1]:.0f} |\n'
               f'| every request json_schema | {constrained[0]:.1f} | {constrained[1]:.0f} |\n'
               f'ratio constrained / unconstrained: {constrained[0] / free[0]:.2f}')
+        alone = mean([r for _, r in free[2]])
+        with_them = mean([r for f, r in beside[2] if f is plain])
+        print(f'\nan unconstrained request\'s own tokens/s: {alone:.1f} among unconstrained '
+              f'ones, {with_them:.1f} when one request in 8 is constrained '
+              f'({with_them / alone:.2f}x)')
     finally:
         front.stop()
         server.shutdown(grace=5)

@@ -25,7 +25,10 @@ The calls, as the orchestrator makes them:
   decoding slots. Rows are padded to the smallest of `row_buckets` and tokens to the
   smallest of `token_buckets` (a mixed step has max_batch rows: what it costs is its
   tokens), all compiled at warm-up: one sequence alone decodes in a 1-row step. Outputs
-  are scattered back to [max_batch, steps_per_call].
+  are scattered back to [max_batch, steps_per_call]. `generate(masks)` (some request is
+  constrained) is one mixed step in two device calls, `_mixed_forward` then
+  `_mixed_sample`: masks() is called between them for the token bitmasks, so the host
+  computes them from the previous step's tokens while the forward runs.
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
 
