@@ -330,7 +330,7 @@ def _reasoning(prompt: ToolPrompt) -> str:
 
 def tool_conversation(rng: random.Random, held: bool = False) -> tuple[list[dict], bool]:
     """(messages, thinking): request, call, observation, answer; sometimes small talk."""
-    if rng.random() < 0.08:
+    if not held and rng.random() < 0.08:  # small talk is never held out
         user, answer = rng.choice(CHITCHAT)
         return ([{'role': 'user', 'content': user},
                  {'role': 'assistant', 'content': answer}], rng.random() < 0.5)
@@ -523,13 +523,18 @@ def pack(corpus: Corpus, seq_len: int, seed: int, doc_fraction: float = 0.6) -> 
     return np.stack(rows)
 
 
-def heldout_mix(tokenizer, tool_conversations: int = 600, seed: int = 7) -> Corpus:
-    """The held-out text in the training mix, for `pack`: the held-out files' code stream,
-    and as documents chats made from their functions and tool conversations with the
-    held-out cities, patterns and asks. The router's bias balances the mix it is trained on;
-    code alone is another distribution."""
+def heldout_mix(tokenizer, held_files: list[str], tool_conversations: int = 600,
+                seed: int = 7) -> Corpus:
+    """The held-out text in the training mix, for `pack`: the code stream of `held_files`
+    (a corpus's `eval['held_files']`), and as documents chats made from their functions and
+    tool conversations with the held-out cities, patterns and asks. The router's bias
+    balances the mix it is trained on; code alone is another distribution."""
     rng, template = random.Random(seed), chat_template()
-    files = [(p, t) for p, t in stdlib_files() if is_held_out(p)]
+    files = [(p, t) for p, t in stdlib_files() if p in set(held_files)]
+    if len(files) != len(held_files):
+        missing = sorted(set(held_files) - {p for p, _ in files})
+        raise ValueError(f'held-out files missing from this Python\'s standard library '
+                         f'({stdlib_root()}): {missing[:5]}')
     texts = [render(template, *function_chat(fn, rng)) for p, t in files
              for fn in functions(p, t)]
     for _ in range(tool_conversations):

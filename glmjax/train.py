@@ -622,7 +622,7 @@ def evaluate(hf_dir: str, corpus_dir: str, seq_len: int = 512, max_rows: int = 6
     tokenizer = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, 'tokenizer.json'))
     corpus = C.Corpus.load(corpus_dir)
     figures = heldout_figures(cfg, params, corpus, seq_len, max_rows,
-                              mix=C.heldout_mix(tokenizer))
+                              mix=C.heldout_mix(tokenizer, corpus.eval['held_files']))
     figures.update(tool_figures(cfg, params, tokenizer, corpus.eval['tool_prompts']))
     figures.update(signature_figures(cfg, params, tokenizer, corpus.eval['signatures']))
     return figures

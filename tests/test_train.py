@@ -259,8 +259,8 @@ def test_heldout_mix_is_held_out_text_in_the_training_mix():
     import tokenizers
 
     tok = tokenizers.Tokenizer.from_file(os.path.join(DEMO, 'tokenizer.json'))
-    mix = C.heldout_mix(tok, tool_conversations=60)
-    held = [t for p, t in C.stdlib_files() if C.is_held_out(p)]
+    held = [p for p, _ in C.stdlib_files() if C.is_held_out(p)]
+    mix = C.heldout_mix(tok, held, tool_conversations=60)
     assert tok.decode(mix.code.tolist(), skip_special_tokens=False).count(C.EOT) == len(held)
     docs = [tok.decode(mix.doc(i).tolist()) for i in range(len(mix.doc_offsets) - 1)]
     modules = {C.module_name(p) for p, _ in C.stdlib_files() if C.is_held_out(p)}
@@ -268,6 +268,7 @@ def test_heldout_mix_is_held_out_text_in_the_training_mix():
     assert chats and all(any(f'from `{m}`' in d for m in modules) for d in chats)
     training_cities = set(C.CITIES) - set(C._held(C.CITIES, True))
     assert not any(c in d for c in training_cities for d in docs)
+    assert not any(answer in d for _, answer in C.CHITCHAT for d in docs)  # all in training
     rows = C.pack(mix, 512, seed=0)
     code = mix.code.tobytes()
     both = [(r == tok.token_to_id('<|user|>')).any() and code.find(r[-16:].tobytes()) >= 0

@@ -111,11 +111,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, masks: Callable[[], np.ndarray] | None = None) -> StepOutput:
         """One device call: up to steps_per_call tokens for every running slot, [max_batch,
-        steps_per_call]. With `masks` the call is one step, and masks() is called exactly
+        steps_per_call]. With `masks` the call is one step, and masks() is called at most
         once, after its forward is dispatched and before its sampling, for [max_batch,
         ceil(V / 32)] int32 token bitmasks (glmjax.token_mask) of each slot's next token:
         the caller fetches the previous call's tokens and fills the masks from them while
-        the device runs the forward."""
+        the device runs the forward. (Not called when the call fails first, or, in
+        PagedEngine, called with no forward when no slot is running.)"""
 
     @abc.abstractmethod
     def free(self, slot: int) -> None: ...

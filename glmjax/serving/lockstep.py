@@ -313,7 +313,8 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
         if message['op'] != 'masks':
             # The leader's host failed between the forward and the sampling: it resets (or
             # stops) next; this call is abandoned as the leader's was.
-            calls.insert(0, message)
+            with ready:
+                calls.insert(0, message)
             raise _Abandoned(message['op'])
         raw = zlib.decompress(base64.b64decode(message['allowed']))
         return np.frombuffer(raw, np.int32).reshape(message['shape']).copy()

@@ -312,16 +312,23 @@ class Orchestrator:
         if not any(r is not None for r in snapshot):
             self._emit(previous)
             return []
+        # device_done is as of the call before `previous`: a request done in `previous`
+        # still counts, which costs the others at most one more one-step call.
         if not any(self._constrained(r) for r in snapshot):
             out = self.engine.generate()
             self._emit(previous)
             return [(out, snapshot)]
+        asked = []
 
         def masks() -> np.ndarray:
+            asked.append(True)
             self._emit(previous)
             return self._masks(snapshot)
 
-        return [(self.engine.generate(masks), snapshot)]
+        out = self.engine.generate(masks)
+        if not asked:  # an engine that had nothing to compute: the tokens must not be lost
+            self._emit(previous)
+        return [(out, snapshot)]
 
     @staticmethod
     def _constrained(req: Request | None) -> bool:
