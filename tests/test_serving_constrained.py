@@ -175,13 +175,17 @@ def test_masks_are_filled_while_the_forward_runs(served, monkeypatch):
     constrained one waits on a host round trip."""
     server, _, stub, _ = served
     log = []
-    # The last test's requests are answered, but the engine may still run a call for them
-    # (a constrained request ends on the device one call after its stop token): wait until
-    # every slot is free, so that the next forward is this test's.
-    end = time.monotonic() + TIMEOUT
-    while any(server.orchestrator.stats()[k] for k in ('busy_slots', 'queued')) \
-            and time.monotonic() < end:
-        time.sleep(0.01)
+
+    def settle():
+        # A request is answered before the engine is done with it (a constrained one ends
+        # on the device one call after its stop token): wait until every slot is free, so
+        # that no call is half-way.
+        end = time.monotonic() + TIMEOUT
+        while any(server.orchestrator.stats()[k] for k in ('busy_slots', 'queued')) \
+                and time.monotonic() < end:
+            time.sleep(0.01)
+
+    settle()  # the next forward is this test's
 
     def traced(name, fn):
         def call(*args, **kwargs):
@@ -202,6 +206,7 @@ def test_masks_are_filled_while_the_forward_runs(served, monkeypatch):
     responses = list(stub.Generate(req, timeout=TIMEOUT))
     text, n = ''.join(r.text for r in responses), sum(len(r.token_ids) for r in responses)
     assert re.fullmatch('[a-c]{12}', text), text
+    settle()  # every call of this request has logged all it does
     steps = ''.join({'forward': 'F', 'fetch': 'T', 'sample': 'S'}[e] for e in log)
     # (A fetch of the last test's last call may come first, or inside the first step.) The
     # first step (the prompt) samples the first token with no tokens before it; each later
