@@ -445,6 +445,19 @@ class CorpusConfig:
     seed: int = 0
 
 
+def _stream(tok, texts: list[str]) -> np.ndarray:
+    """The texts' tokens end to end, each text ending in <|endoftext|>."""
+    eot = tok.token_to_id(EOT)
+    ids = [e.ids + [eot] for e in tok.encode_batch(texts, add_special_tokens=False)]
+    return np.asarray([i for x in ids for i in x], np.int32)
+
+
+def _documents(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as one int32 array and their offsets [n + 1]."""
+    return (np.asarray([i for d in docs for i in d], np.int32),
+            np.cumsum([0] + [len(d) for d in docs]).astype(np.int64))
+
+
 def build(cc: CorpusConfig, tokenizer_out: str | None = None, log=print):
     """Builds the corpus and its tokenizer. Returns (Corpus, tokenizers.Tokenizer)."""
     rng = random.Random(cc.seed)
@@ -467,25 +480,17 @@ def build(cc: CorpusConfig, tokenizer_out: str | None = None, log=print):
     tok = train_tokenizer(code_texts + chats + tools[:2000], cc.vocab_size)
     if tokenizer_out:
         tok.save(tokenizer_out)
-    eot = tok.token_to_id(EOT)
-
-    def stream(texts):
-        ids = [e.ids + [eot] for e in tok.encode_batch(texts, add_special_tokens=False)]
-        return np.asarray([i for x in ids for i in x], np.int32)
-
     docs = [e.ids for e in tok.encode_batch(chats + tools, add_special_tokens=False)]
     order = list(range(len(docs)))
     rng.shuffle(order)
-    docs = [docs[i] for i in order]
-    offsets = np.cumsum([0] + [len(d) for d in docs]).astype(np.int64)
+    docs, offsets = _documents([docs[i] for i in order])
     eval_rng = random.Random(cc.seed + 1)
     prompts = [dataclasses.asdict(tool_prompt(eval_rng, held=True))
                for _ in range(cc.eval_tool_prompts)]
     sigs = [dataclasses.asdict(fn) for p, t in held_files for fn in functions(p, t)]
     eval_rng.shuffle(sigs)
-    corpus = Corpus(code=stream(code_texts), docs=np.asarray([i for d in docs for i in d],
-                                                             np.int32),
-                    doc_offsets=offsets, held_code=stream([t for _, t in held_files]),
+    corpus = Corpus(code=_stream(tok, code_texts), docs=docs, doc_offsets=offsets,
+                    held_code=_stream(tok, [t for _, t in held_files]),
                     eval={'tool_prompts': prompts, 'signatures': sigs[:cc.eval_signatures],
                           'held_files': [p for p, _ in held_files],
                           'train_files': [p for p, _ in train_files]},
@@ -541,14 +546,10 @@ def heldout_mix(tokenizer, held_files: list[str], tool_conversations: int = 600,
         messages, thinking = tool_conversation(rng, held=True)
         texts.append(render(template, messages, thinking, tools=TOOLS))
     rng.shuffle(texts)
-    eot = tokenizer.token_to_id(EOT)
-    code = [e.ids + [eot] for e in tokenizer.encode_batch([t for _, t in files],
-                                                          add_special_tokens=False)]
-    docs = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    code = np.asarray([i for x in code for i in x], np.int32)
-    return Corpus(code=code, docs=np.asarray([i for d in docs for i in d], np.int32),
-                  doc_offsets=np.cumsum([0] + [len(d) for d in docs]).astype(np.int64),
-                  held_code=code, eval={}, meta={})
+    code = _stream(tokenizer, [t for _, t in files])
+    docs, offsets = _documents([e.ids for e in tokenizer.encode_batch(
+        texts, add_special_tokens=False)])
+    return Corpus(code=code, docs=docs, doc_offsets=offsets, held_code=code, eval={}, meta={})
 
 
 def rows_of(stream: np.ndarray, seq_len: int, max_rows: int | None = None) -> np.ndarray:

@@ -502,12 +502,11 @@ def heldout_figures(cfg, params, corpus, seq_len=512, max_rows=64, batch=8,
         loads = loads + np.asarray(ld)
     mixed = {}
     if mix is not None:
-        mix_rows, mix_loads = pack(mix, seq_len, seed=0)[:max_rows], 0
-        for i in range(0, len(mix_rows), batch):
-            mix_loads = mix_loads + np.asarray(
-                _eval_batch(cfg, params, jnp.asarray(mix_rows[i:i + batch]))[2])
-        mixed = {'balance_mix_per_moe_layer': _loads_balance(mix_loads),
-                 'balance_mix_max': max(_loads_balance(mix_loads))}
+        mix_rows = pack(mix, seq_len, seed=0)[:max_rows]
+        mix_balance = _loads_balance(sum(
+            np.asarray(_eval_batch(cfg, params, jnp.asarray(mix_rows[i:i + batch]))[2])
+            for i in range(0, len(mix_rows), batch)))
+        mixed = {'balance_mix_per_moe_layer': mix_balance, 'balance_mix_max': max(mix_balance)}
     # The unigram baseline on the same targets, from the training tokens (add-one).
     counts = np.bincount(np.concatenate([corpus.code, corpus.docs]), minlength=cfg.vocab_size)
     logp = np.log((counts + 1) / (counts.sum() + cfg.vocab_size))

@@ -194,8 +194,9 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
 
 def _ragged(state: SlotState, tokens: jax.Array, slots: jax.Array, cu_q_lens: jax.Array,
             chunk_start: jax.Array, decoding: jax.Array, num_seqs: jax.Array):
-    """A mixed step's layout: each row's state, query and KV lengths, and per token [T] its
-    row, position and input (a decode row's is its last token, from the decode state)."""
+    """A mixed step's layout: each row's state, whether it is live, its query and KV
+    lengths; per token [T] its position and input (a decode row's is its last token, from
+    the decode state); and each row's last token's index."""
     R, T = slots.shape[0], tokens.shape[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
     start = jnp.where(decoding, rows.lengths, chunk_start)
