@@ -87,7 +87,7 @@ def start_server():
                          max_num_batched_tokens=256)
     server = GlmServer(engine, tok, cfg, name, 4 * _CONCURRENCY.value).start()
     server.warmup()
-    return server, start_http(server, None, None, '127.0.0.1', 0), tok, cfg
+    return server, start_http(server, None, '127.0.0.1', 0), tok, cfg
 
 
 def chat(url, seed, **body):

@@ -21,7 +21,7 @@ def url():
     assert name == DEMO_NAME
     server = GlmServer(PagedEngine(cfg, params, 4, 512, 8), tok, cfg, name, 64).start()
     server.warmup()
-    front = start_http(server, None, None, '127.0.0.1', 0)
+    front = start_http(server, None, '127.0.0.1', 0)
     yield f'http://127.0.0.1:{front.port}'
     front.stop()
     server.shutdown(grace=5)

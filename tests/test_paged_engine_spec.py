@@ -175,7 +175,7 @@ def test_through_the_server_text_and_stop_strings_are_the_plain_ones(demo, promp
     server.warmup()  # compiles every bucket, then starts the engine loop: nothing left behind
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     assert eng.metrics()['spec_decode_num_drafts'] == 0
-    front = start_http(server, None, None, '127.0.0.1', 0)
+    front = start_http(server, None, '127.0.0.1', 0)
     url = f'http://127.0.0.1:{front.port}'
     try:
         full = tok.decode(plain[2])

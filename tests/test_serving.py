@@ -412,7 +412,7 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
         import httpx
 
         from glmjax.serving.server import start_http
-        front = start_http(guarded.server, 'sesame', None, '127.0.0.1', 0)
+        front = start_http(guarded.server, 'sesame', '127.0.0.1', 0)
         try:
             for stream in (False, True):
                 r = httpx.post(f'http://127.0.0.1:{front.port}/v1/completions',
@@ -434,7 +434,7 @@ def test_full_queue_is_resource_exhausted_at_once(guarded, model):
 @pytest.fixture(scope='module')
 def http(served):
     from glmjax.serving.server import start_http
-    front = start_http(served.server, None, None, '127.0.0.1', 0)
+    front = start_http(served.server, None, '127.0.0.1', 0)
     yield front
     front.stop()
 

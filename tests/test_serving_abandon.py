@@ -44,7 +44,7 @@ def served(model):
     server = GlmServer(eng, tok, cfg, 'test-tiny', 2).start()
     server.warmup()
     channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
-    front = start_http(server, None, None, '127.0.0.1', 0)
+    front = start_http(server, None, '127.0.0.1', 0)
     yield types.SimpleNamespace(cfg=cfg, params=params, tok=tok, server=server,
                                 stub=pb_grpc.GlmStub(channel),
                                 url=f'http://127.0.0.1:{front.port}')
@@ -189,7 +189,7 @@ def test_shutdown_cut_stream_ends_with_an_error_event(model):
     server = GlmServer(SlowEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg,
                        'test-tiny', 2).start()
     server.warmup()
-    front = start_http(server, None, None, '127.0.0.1', 0)
+    front = start_http(server, None, '127.0.0.1', 0)
     url = f'http://127.0.0.1:{front.port}'
     channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
     stub = pb_grpc.GlmStub(channel)

@@ -15,7 +15,7 @@ import pytest
 
 from glmjax import generate
 from glmjax.serving import paged_engine
-from glmjax.serving.moderation import Moderation
+from glmjax.serving.moderation import Moderation, Screen
 from glmjax.serving.paged_engine import PagedEngine
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.server import start_http
@@ -58,7 +58,7 @@ def served(model):
     engine = PagedEngine(cfg, params, 4, 1280, 4, page_size=16, max_num_batched_tokens=64)
     server = GlmServer(engine, tok, cfg, 'paged', 64).start()
     server.warmup()
-    front = start_http(server, None, None, '127.0.0.1', 0)
+    front = start_http(server, None, '127.0.0.1', 0)
     channel = grpc.insecure_channel(f'127.0.0.1:{server.port}')
     yield server, f'http://127.0.0.1:{front.port}', pb_grpc.GlmStub(channel), front
     channel.close()
@@ -127,6 +127,27 @@ def test_required_tool_choice_always_calls_a_tool(served):
             for call in calls:
                 assert call['function']['name'] == 'get_weather'
                 jsonschema.validate(json.loads(call['function']['arguments']), schema)
+    # Streamed: the calls' deltas add up to the same, a parseable call every time.
+    body = {'model': 'paged', 'messages': [{'role': 'user', 'content': 'Answer in JSON.'}],
+            'temperature': 1.0, 'max_tokens': 600, 'tools': TOOLS, 'tool_choice': 'required',
+            'stream': True, 'n': 2, 'seed': 6, 'chat_template_kwargs': {'enable_thinking': False}}
+    calls, finishes = {}, {}
+    with httpx.stream('POST', url + '/v1/chat/completions', json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith('data: {'):
+                continue
+            for c in json.loads(line[6:])['choices']:
+                finishes[c['index']] = c['finish_reason'] or finishes.get(c['index'])
+                for d in c['delta'].get('tool_calls') or []:
+                    call = calls.setdefault((c['index'], d['index']), {'name': '', 'args': ''})
+                    call['name'] += d['function'].get('name') or ''
+                    call['args'] += d['function']['arguments']
+    assert finishes == {0: 'tool_calls', 1: 'tool_calls'}
+    assert {choice for choice, _ in calls} == {0, 1}
+    for call in calls.values():
+        assert call['name'] == 'get_weather'
+        jsonschema.validate(json.loads(call['args']), schema)
 
 
 def test_a_reasoning_budget_caps_the_thinking(served):
@@ -216,14 +237,21 @@ def test_masks_are_filled_while_the_forward_runs(served, monkeypatch):
     assert found and len(found[1]) // 3 >= n - 1, (steps, n)
 
 
-def moderated(served, prompt, response):
-    """The front's safety_model classifier with fixed verdicts: each stage may give only
+def moderated(served, prompt, response, window=64):
+    """Both fronts' safety_model classifier with fixed verdicts: each stage may give only
     the one choice, so the decision is known whatever the weights."""
-    _, url, _, front = served
-    front.backend.moderation = Moderation.parse({
+    server, url, _, front = served
+    server.moderation = front.backend.moderation = Moderation.parse({
         'system': 'Classify.', 'prompt': {'user': 'User said: {content}', 'choices': [prompt]},
-        'response': {'user': 'Then: {content}', 'choices': [response]}})
+        'response': {'user': 'Then: {content}', 'choices': [response]},
+        'stream_window': window})
     return url
+
+
+def generate_rpc(stub, **fields) -> list:
+    fields = {'text': 'JSON:', 'max_tokens': 12, 'ignore_eos': True} | fields
+    req = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0.0), **fields)
+    return list(stub.Generate(req, timeout=TIMEOUT))
 
 
 GREEDY = {'temperature': 0.0, 'max_tokens': 12, 'ignore_eos': True}
@@ -260,9 +288,107 @@ def test_safety_model_filters_an_unsafe_answer(served):
     with httpx.stream('POST', url + '/v1/completions', json=body, timeout=TIMEOUT) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines()
                   if line.startswith('data: {')]
-    finishes = [c['finish_reason'] for e in events for c in e['choices']]
-    assert finishes[-1] == 'content_filter' and set(finishes[:-1]) == {None}
-    assert events[-1]['choices'][0]['text'] == ''
+    # 12 tokens, within one stream_window: all held back, nothing of it sent.
+    assert [(c['finish_reason'], c['text']) for e in events for c in e['choices']] == [
+        ('content_filter', '')]
+
+
+def test_safety_model_over_grpc(served):
+    """The same checks as HTTP's: a safe request is answered as without them, an unsafe
+    prompt is INVALID_ARGUMENT with its code, an unsafe answer ends CONTENT_FILTER with
+    none of its text or tokens, and a name not served is refused naming it."""
+    _, _, stub, _ = served
+    moderated(served, 'safe', 'safe')
+    plain = generate_rpc(stub)
+    assert generate_rpc(stub, safety_model='paged') == plain
+    assert plain[-1].finish_reason == pb.LENGTH
+    moderated(served, 'unsafe: violence', 'safe')
+    with pytest.raises(grpc.RpcError) as e:
+        generate_rpc(stub, safety_model='paged')
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'violence' in e.value.details()
+    assert ('glmjax-error-code', 'content_policy_violation') in e.value.trailing_metadata()
+    moderated(served, 'safe', 'unsafe: crime')
+    [last] = generate_rpc(stub, safety_model='paged')  # 12 tokens: one window, all held
+    assert last.finish_reason == pb.CONTENT_FILTER and last.stop_reason == 'safety_model: crime'
+    assert (last.text, list(last.token_ids)) == ('', [])
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        plain[-1].usage.prompt_tokens, 12)
+    with pytest.raises(grpc.RpcError) as e:
+        generate_rpc(stub, safety_model='zai-org/GLM-4.6')
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'zai-org/GLM-4.6' is not served" in e.value.details()
+
+
+def test_a_stream_sends_only_what_was_classified_safe(served, monkeypatch):
+    """A streamed answer is classified every stream_window tokens: what reaches the client
+    is exactly the answer as of the last safe verdict, and the first unsafe one stops it.
+    (The verdict is swapped for one that reads the answer's length: unsafe past half the
+    whole answer; the engine's verdicts are the tests above.)"""
+    from glmjax.serving.http_moderation import Moderator
+    from glmjax.serving.service import GlmServicer
+    server, url, stub, _ = served
+    url = moderated(served, 'safe', 'safe', window=3)
+    long = {'temperature': 0.0, 'max_tokens': 48, 'ignore_eos': True}
+    whole_http = stream_text(url, **long)[0]
+    whole_rpc = ''.join(r.text for r in generate_rpc(stub, max_tokens=48))
+    assert whole_http == whole_rpc and len(whole_http) > 40
+    half, seen = len(whole_http) // 2, []
+
+    def verdict(stage, content):
+        answer = content.partition('assistant: ')[2]
+        seen.append(answer)
+        return 'crime' if stage == 'response' and len(answer) > half else None
+
+    async def http_verdict(self, stage, content):
+        return verdict(stage, content)
+
+    monkeypatch.setattr(Moderator, 'verdict', http_verdict)
+    monkeypatch.setattr(GlmServicer, '_verdict',
+                        lambda self, classifier, stage, content, *_: verdict(stage, content))
+    orch, submitted = server.orchestrator, []
+    submit, submit_all = orch.submit, orch.submit_all
+    monkeypatch.setattr(orch, 'submit', lambda r: (submitted.append(r), submit(r))[1])
+    monkeypatch.setattr(orch, 'submit_all', lambda rs: (submitted.extend(rs), submit_all(rs))[1])
+
+    def stopped():  # the answer's engine request, once over: cut short, not run to its end
+        [r] = {id(r): r for r in submitted}.values()  # (submit_all may call submit)
+        end = time.monotonic() + TIMEOUT
+        while not r.finished and time.monotonic() < end:
+            time.sleep(0.01)
+        submitted.clear()
+        return r.finish_reason
+    body = {'model': 'paged', 'prompt': 'JSON:', 'stream': True, 'safety_model': 'paged',
+            **long}
+    with httpx.stream('POST', url + '/v1/completions', json=body, timeout=TIMEOUT) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith('data: {')]
+    sent = ''.join(c['text'] for e in events for c in e['choices'])
+    assert events[-1]['choices'][0]['finish_reason'] == 'content_filter'
+    answers = seen[1:]  # after the prompt's
+    assert len(answers) >= 3 and all(whole_http.startswith(a) for a in answers)
+    assert len(answers[-1]) > half and sent == answers[-2] and len(sent) <= half
+    assert stopped() == 'cancelled'
+    seen.clear()
+    responses = generate_rpc(stub, safety_model='paged', max_tokens=48)
+    sent = ''.join(r.text for r in responses)
+    answers = seen[1:]
+    assert responses[-1].finish_reason == pb.CONTENT_FILTER and len(responses) > 1
+    assert len(answers) >= 3 and all(whole_rpc.startswith(a) for a in answers)
+    assert len(answers[-1]) > half and sent == answers[-2] and len(sent) <= half
+    assert stopped() == 'cancelled'
+
+
+def test_a_screen_holds_an_answer_until_it_passes():
+    screen = Screen(window=4)
+    assert screen.push('a', 'ab', 3, False) is None  # 3 tokens: hold
+    assert screen.push('b', 'c', 1, False) == 'abc'  # 4: classify all so far
+    assert screen.passed() == ['a', 'b'] and screen.held == []
+    assert screen.push('c', '', 0, True) is None  # the end, nothing new: passes unasked
+    assert screen.passed() == ['c']
+    whole = Screen(window=None)
+    assert whole.push('a', 'x' * 100, 100, False) is None
+    assert whole.push('b', 'y', 1, True) == 'x' * 100 + 'y'
 
 
 def test_the_moderation_file_is_checked(tmp_path):
@@ -277,3 +403,8 @@ def test_the_moderation_file_is_checked(tmp_path):
         'user': '{content}'}, 'choices': ['fine']}))
     with pytest.raises(ValueError, match='choices of "prompt"'):
         Moderation.load(str(bad))
+    bad.write_text(json.dumps({'prompt': {'user': '{content}'}, 'response': {
+        'user': '{content}'}, 'choices': ['safe'], 'stream_window': 0}))
+    with pytest.raises(ValueError, match='"stream_window" must be a whole number'):
+        Moderation.load(str(bad))
+    assert default.stream_window == 64

@@ -57,7 +57,7 @@ def test_paged_server_greedy_and_cached_tokens(model):
         ids, use = run(stub, greedy(ps[0], 20))  # the same prompt again
         assert ids == got[0][0]
         assert use.cached_tokens == (len(ps[0]) - 1) // PAGE * PAGE > 0
-        front = start_http(server, None, None, '127.0.0.1', 0)
+        front = start_http(server, None, '127.0.0.1', 0)
         try:
             r = httpx.post(f'http://127.0.0.1:{front.port}/v1/completions', timeout=TIMEOUT,
                            json={'prompt': ps[1], 'max_tokens': 4, 'temperature': 0})

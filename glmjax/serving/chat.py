@@ -50,6 +50,11 @@ class ChatTemplate:
                 source = json.load(f).get('chat_template')
             if isinstance(source, str):
                 return cls(source)
+        return cls.default()
+
+    @classmethod
+    def default(cls) -> 'ChatTemplate':
+        """The GLM-4.6 format."""
         with open(DEFAULT_TEMPLATE) as f:
             return cls(f.read())
 

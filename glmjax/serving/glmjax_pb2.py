@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bglmjax/serving/glmjax.proto\x12\tglmjax.v1\"\xef\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12<\n\nlogit_bias\x18\x08 \x03(\x0b\x32(.glmjax.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\rH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xc6\x03\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.glmjax.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x15\n\x0bjson_schema\x18\n \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0b \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x0c \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\r \x01(\x0b\x32\x15.glmjax.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x0e \x01(\tH\x00\x12\x32\n\ttool_call\x18\x0f \x01(\x0b\x32\x1d.glmjax.v1.ToolCallConstraintH\x00\x12\x1d\n\x10reasoning_budget\x18\x10 \x01(\x05H\x01\x88\x01\x01\x42\x0c\n\nconstraintB\x13\n\x11_reasoning_budget\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\".\n\nToolSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\t\"H\n\x12ToolCallConstraint\x12$\n\x05tools\x18\x01 \x03(\x0b\x32\x15.glmjax.v1.ToolSchema\x12\x0c\n\x04name\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.glmjax.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.glmjax.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.glmjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.glmjax.v1.Usage\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x8a\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x11\n\tmax_queue\x18\x06 \x01(\x05\x12\x12\n\nfree_slots\x18\x07 \x01(\x05\x12\x12\n\nbusy_slots\x18\x08 \x01(\x05\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x17\n\x0fprefill_buckets\x18\x0b \x03(\x05\x12\x1d\n\x15\x64\x65\x63ode_steps_per_call\x18\x0c \x01(\x05*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03\x32\xd4\x01\n\x03Glm\x12\x45\n\x08Generate\x12\x1a.glmjax.v1.GenerateRequest\x1a\x1b.glmjax.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.glmjax.v1.TokenizeRequest\x1a\x1b.glmjax.v1.TokenizeResponse\x12\x41\n\x0cGetModelInfo\x12\x1b.glmjax.v1.ModelInfoRequest\x1a\x14.glmjax.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bglmjax/serving/glmjax.proto\x12\tglmjax.v1\"\xef\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12<\n\nlogit_bias\x18\x08 \x03(\x0b\x32(.glmjax.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\rH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xdc\x03\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.glmjax.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x15\n\x0bjson_schema\x18\n \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0b \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x0c \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\r \x01(\x0b\x32\x15.glmjax.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x0e \x01(\tH\x00\x12\x32\n\ttool_call\x18\x0f \x01(\x0b\x32\x1d.glmjax.v1.ToolCallConstraintH\x00\x12\x1d\n\x10reasoning_budget\x18\x10 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0csafety_model\x18\x11 \x01(\tB\x0c\n\nconstraintB\x13\n\x11_reasoning_budget\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\".\n\nToolSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nparameters\x18\x02 \x01(\t\"H\n\x12ToolCallConstraint\x12$\n\x05tools\x18\x01 \x03(\x0b\x32\x15.glmjax.v1.ToolSchema\x12\x0c\n\x04name\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.glmjax.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.glmjax.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.glmjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.glmjax.v1.Usage\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x8a\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x11\n\tmax_queue\x18\x06 \x01(\x05\x12\x12\n\nfree_slots\x18\x07 \x01(\x05\x12\x12\n\nbusy_slots\x18\x08 \x01(\x05\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x17\n\x0fprefill_buckets\x18\x0b \x03(\x05\x12\x1d\n\x15\x64\x65\x63ode_steps_per_call\x18\x0c \x01(\x05*f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03\x12\x12\n\x0e\x43ONTENT_FILTER\x10\x04\x32\xd4\x01\n\x03Glm\x12\x45\n\x08Generate\x12\x1a.glmjax.v1.GenerateRequest\x1a\x1b.glmjax.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.glmjax.v1.TokenizeRequest\x1a\x1b.glmjax.v1.TokenizeResponse\x12\x41\n\x0cGetModelInfo\x12\x1b.glmjax.v1.ModelInfoRequest\x1a\x14.glmjax.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1816
-  _globals['_FINISHREASON']._serialized_end=1898
+  _globals['_FINISHREASON']._serialized_start=1838
+  _globals['_FINISHREASON']._serialized_end=1940
   _globals['_SAMPLINGPARAMS']._serialized_start=43
   _globals['_SAMPLINGPARAMS']._serialized_end=410
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=304
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=352
   _globals['_GENERATEREQUEST']._serialized_start=413
-  _globals['_GENERATEREQUEST']._serialized_end=867
-  _globals['_CHOICELIST']._serialized_start=869
-  _globals['_CHOICELIST']._serialized_end=898
-  _globals['_TOOLSCHEMA']._serialized_start=900
-  _globals['_TOOLSCHEMA']._serialized_end=946
-  _globals['_TOOLCALLCONSTRAINT']._serialized_start=948
-  _globals['_TOOLCALLCONSTRAINT']._serialized_end=1020
-  _globals['_TOPLOGPROB']._serialized_start=1022
-  _globals['_TOPLOGPROB']._serialized_end=1069
-  _globals['_TOKENLOGPROB']._serialized_start=1071
-  _globals['_TOKENLOGPROB']._serialized_end=1156
-  _globals['_USAGE']._serialized_start=1158
-  _globals['_USAGE']._serialized_end=1238
-  _globals['_GENERATERESPONSE']._serialized_start=1241
-  _globals['_GENERATERESPONSE']._serialized_end=1437
-  _globals['_TOKENIZEREQUEST']._serialized_start=1439
-  _globals['_TOKENIZEREQUEST']._serialized_end=1470
-  _globals['_TOKENIZERESPONSE']._serialized_start=1472
-  _globals['_TOKENIZERESPONSE']._serialized_end=1525
-  _globals['_MODELINFOREQUEST']._serialized_start=1527
-  _globals['_MODELINFOREQUEST']._serialized_end=1545
-  _globals['_MODELINFO']._serialized_start=1548
-  _globals['_MODELINFO']._serialized_end=1814
-  _globals['_GLM']._serialized_start=1901
-  _globals['_GLM']._serialized_end=2113
+  _globals['_GENERATEREQUEST']._serialized_end=889
+  _globals['_CHOICELIST']._serialized_start=891
+  _globals['_CHOICELIST']._serialized_end=920
+  _globals['_TOOLSCHEMA']._serialized_start=922
+  _globals['_TOOLSCHEMA']._serialized_end=968
+  _globals['_TOOLCALLCONSTRAINT']._serialized_start=970
+  _globals['_TOOLCALLCONSTRAINT']._serialized_end=1042
+  _globals['_TOPLOGPROB']._serialized_start=1044
+  _globals['_TOPLOGPROB']._serialized_end=1091
+  _globals['_TOKENLOGPROB']._serialized_start=1093
+  _globals['_TOKENLOGPROB']._serialized_end=1178
+  _globals['_USAGE']._serialized_start=1180
+  _globals['_USAGE']._serialized_end=1260
+  _globals['_GENERATERESPONSE']._serialized_start=1263
+  _globals['_GENERATERESPONSE']._serialized_end=1459
+  _globals['_TOKENIZEREQUEST']._serialized_start=1461
+  _globals['_TOKENIZEREQUEST']._serialized_end=1492
+  _globals['_TOKENIZERESPONSE']._serialized_start=1494
+  _globals['_TOKENIZERESPONSE']._serialized_end=1547
+  _globals['_MODELINFOREQUEST']._serialized_start=1549
+  _globals['_MODELINFOREQUEST']._serialized_end=1567
+  _globals['_MODELINFO']._serialized_start=1570
+  _globals['_MODELINFO']._serialized_end=1836
+  _globals['_GLM']._serialized_start=1943
+  _globals['_GLM']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

@@ -17,8 +17,9 @@ from glmjax.serving.http_common import (
     sse,
     usage,
 )
+from glmjax.serving.http_moderation import Moderator
 from glmjax.serving.metrics import Metrics
-from glmjax.serving.moderation import Moderator, conversation
+from glmjax.serving.moderation import conversation
 
 
 async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequest):

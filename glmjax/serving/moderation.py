@@ -1,42 +1,48 @@
 """`safety_model`: the served model itself classifies a request's prompt before it is answered,
 and then the answer before it is returned (Together's field, which names the classifier).
+This module is what both fronts share; the HTTP front runs it in
+glmjax/serving/http_moderation.py, gRPC in glmjax/serving/service.py.
 
 The classifier's instructions are a JSON file users can replace (`glmjax-serve
 --moderation_prompt`; the default is moderation.json beside this module): a `system` message,
 per stage (`prompt`, `response`) a `user` message in which `{content}` is the conversation
-so far, and the `choices` the verdict is constrained to (a stage may have its own): "safe",
-or "unsafe" with a category after a colon ("unsafe: violence"). The verdict is decoded
-greedily under a choice constraint (glmjax/serving/constraints.py), so it is always one of
-them.
+so far, the `choices` the verdict is constrained to (a stage may have its own): "safe",
+or "unsafe" with a category after a colon ("unsafe: violence"), and `stream_window`, how
+many tokens of a streamed answer are classified at a time. The verdict is decoded greedily
+under a choice constraint (glmjax/serving/constraints.py), so it is always one of them.
 
-An unsafe prompt is refused with a 400 whose code is `content_policy_violation` and whose
-message names the category. An unsafe answer ends with `finish_reason: "content_filter"`:
-a whole response then carries none of its text; a stream has already sent all but its last
-delta, which is dropped.
+An unsafe prompt is refused (HTTP 400 whose code is `content_policy_violation`, gRPC
+INVALID_ARGUMENT), naming the category. An unsafe answer ends with the finish reason
+`content_filter` and none of its unchecked text: a response sent whole is classified once,
+at its end; a stream is held back and classified every `stream_window` tokens (the whole
+answer so far each time, which the prefix cache mostly has already), and only text
+classified safe is sent, so a client never sees text the classifier did not pass.
 
 The verdict is as good as the model: GLM-4.6 follows such instructions, the demo model was
 never trained to, so its verdicts mean nothing.
 """
 
-import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 from glmjax.serving import contract
-from glmjax.serving.constraints import ConstraintSpec
-from glmjax.serving.contract import GenRequest, InvalidRequest
-from glmjax.serving.http_common import (
-    ApiError,
-    Backend,
-    GenEvent,
-    compiler_of,
-    limits,
-)
+from glmjax.serving.chat import ChatTemplate
+from glmjax.serving.constraints import ConstraintCompiler, ConstraintSpec
+from glmjax.serving.contract import GenRequest, InvalidRequest, Limits
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moderation.json')
 STAGES = ('prompt', 'response')
+STREAM_WINDOW = 64  # tokens of a streamed answer per verdict, unless the file says
+
+
+class Refusal(Exception):
+    """safety_model refuses the request, or cannot be honoured; `code` in OpenAI's words."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Moderation:
     system: str
     user: dict[str, str]  # stage -> the user message, '{content}' in it
     choices: dict[str, tuple[str, ...]]  # stage -> the verdicts it may give
+    stream_window: int = STREAM_WINDOW
 
     @classmethod
     def load(cls, path: str | None = None) -> 'Moderation':
@@ -65,6 +72,9 @@ class Moderation:
         system = spec.get('system', '')
         if not isinstance(system, str):
             fail('"system" must be a string')
+        window = spec.get('stream_window', STREAM_WINDOW)
+        if type(window) is not int or window < 1:
+            fail(f'"stream_window" must be a whole number of tokens >= 1, got {window!r}')
         user, choices = {}, {}
         for stage in STAGES:
             part = spec.get(stage)
@@ -79,7 +89,7 @@ class Moderation:
                 fail(f'the choices of "{stage}" must be a list of "safe" and "unsafe: '
                      f'<category>" strings, got {options!r}')
             choices[stage] = tuple(options)
-        return cls(system, user, choices)
+        return cls(system, user, choices, window)
 
     def messages(self, stage: str, content: str) -> list[dict]:
         user = self.user[stage].replace('{content}', content)
@@ -99,85 +109,77 @@ def conversation(before: str, turns: list[tuple[str, str]]) -> str:
     return '\n\n'.join([before] * bool(before) + [f'{role}: {text}' for role, text in turns])
 
 
-class Moderator:
-    """The checks of one request whose `safety_model` names the served model."""
-
-    def __init__(self, backend: Backend, name: str, moderation: Moderation):
-        self.backend, self.name, self.moderation = backend, name, moderation
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """The checks of one request whose `safety_model` names the served model: the requests
+    that ask for a verdict (the front runs them) and what a verdict means."""
+    name: str
+    moderation: Moderation
+    chat_template: ChatTemplate
+    encode: Callable[[str], list[int]]
+    limits: Limits
+    compiler: ConstraintCompiler | None
 
     @classmethod
-    def of(cls, backend: Backend, name: str | None) -> 'Moderator | None':
-        """None without a safety_model; a 400 for one this server cannot be."""
+    def of(cls, name: str | None, served_names: tuple[str, ...], **kwargs) -> 'Classifier | None':
+        """None without a safety_model; Refusal for one this server cannot be."""
         if name is None:
             return None
-        if name not in backend.served_names:
-            raise ApiError(400, f'safety_model {name!r} is not served here; it can name '
-                           f'{", ".join(repr(n) for n in backend.served_names)}',
-                           'safety_model', 'model_not_found')
-        moderation = getattr(backend, 'moderation', None) or Moderation.load()
-        return cls(backend, name, moderation)
+        if name not in served_names:
+            raise Refusal(f'safety_model {name!r} is not served here; it can name '
+                          f'{", ".join(repr(n) for n in served_names)}', 'model_not_found')
+        return cls(name, **kwargs)
 
-    def _request(self, stage: str, content: str) -> GenRequest:
+    def request(self, stage: str, content: str) -> GenRequest:
+        """The greedy, choice-constrained request for `content`'s verdict at `stage`."""
         choices = self.moderation.choices[stage]
-        text = self.backend.chat_template.render(self.moderation.messages(stage, content),
-                                                 enable_thinking=False)
-        ids = self.backend.encode(text)
-        longest = max(len(self.backend.encode(c)) for c in choices)
+        text = self.chat_template.render(self.moderation.messages(stage, content),
+                                         enable_thinking=False)
+        ids = self.encode(text)
+        longest = max(len(self.encode(c)) for c in choices)
         r = GenRequest(prompt_ids=ids, max_tokens=longest + 1, temperature=0.0,
                        constraint=ConstraintSpec.choice(choices))
-        if len(ids) + r.max_tokens > self.backend.max_context:
-            raise ApiError(400, f'safety_model: the {stage} to classify makes a moderation '
-                           f'prompt of {len(ids)} tokens, more than the context of '
-                           f'{self.backend.max_context} leaves for the verdict',
-                           'safety_model', 'context_length_exceeded')
+        if len(ids) + r.max_tokens > self.limits.max_seq_len:
+            raise Refusal(f'safety_model: the {stage} to classify makes a moderation prompt '
+                          f'of {len(ids)} tokens, more than the context of '
+                          f'{self.limits.max_seq_len} leaves for the verdict',
+                          'context_length_exceeded')
         try:
-            contract.check(r, limits(self.backend), compiler=compiler_of(self.backend))
+            contract.check(r, self.limits, compiler=self.compiler)
         except InvalidRequest as e:
-            raise ApiError(400, f'safety_model: {e}', 'safety_model') from None
+            raise Refusal(f'safety_model: {e}') from None
         return r
 
-    async def verdict(self, stage: str, content: str) -> str | None:
-        """The category if `content` is unsafe at this stage, else None."""
-        request = await asyncio.to_thread(self._request, stage, content)
-        [events] = self.backend.generate_all([request])
-        try:
-            text = ''.join([e.text async for e in events])
-        finally:
-            if hasattr(events, 'aclose'):
-                await events.aclose()
-        return category(text.strip())
+    def unsafe_prompt(self, found: str) -> Refusal:
+        return Refusal(f'the prompt was classified unsafe ({found}) by safety_model '
+                       f'{self.name!r}; it is not answered', 'content_policy_violation')
 
-    async def check_prompt(self, content: str) -> None:
-        found = await self.verdict('prompt', content)
-        if found is not None:
-            raise ApiError(400, f'the prompt was classified unsafe ({found}) by safety_model '
-                           f'{self.name!r}; it is not answered', 'safety_model',
-                           'content_policy_violation')
 
-    def guard(self, events: AsyncIterator[GenEvent], prompt: str,
-              whole: bool) -> AsyncIterator[GenEvent]:
-        """One choice's events, its answer classified when it ends. Unsafe: the last event
-        says 'content_filter' and carries no text. whole (a response sent in one piece):
-        nothing is passed on before the verdict, and nothing of an unsafe answer."""
-        async def guarded():
-            answer, held, tokens = '', [], []
-            async for e in events:
-                answer += e.text
-                tokens += e.token_ids
-                if e.finish_reason is None:
-                    if whole:
-                        held.append(e)
-                    else:
-                        yield e
-                    continue
-                found = await self.verdict('response', conversation(prompt,
-                                                                    [('assistant', answer)]))
-                if found is None:
-                    for h in held:
-                        yield h
-                    yield e
-                else:
-                    yield dataclasses.replace(e, token_ids=tokens if whole else e.token_ids,
-                                              text='', logprobs=None,
-                                              finish_reason='content_filter')
-        return guarded()
+class Screen:
+    """One answer on its way out, held back until the classifier has passed it: every
+    `window` tokens (None: only at the end, for an answer sent whole)."""
+
+    def __init__(self, window: int | None):
+        self.window = window
+        self.answer = ''  # all of it so far
+        self.classified = ''  # what the last verdict passed
+        self.held: list = []  # the events not yet passed on
+        self.held_tokens = 0
+
+    def push(self, event, text: str, tokens: int, final: bool) -> str | None:
+        """Holds `event`; returns the answer to classify now (all of it so far), or None:
+        hold on, or (on the final event, when nothing new came since) pass it."""
+        self.answer += text
+        self.held.append(event)
+        self.held_tokens += tokens
+        if final and self.answer == self.classified:
+            return None
+        if final or (self.window is not None and self.held_tokens >= self.window):
+            return self.answer
+        return None
+
+    def passed(self) -> list:
+        """The held events, free to go now that the answer so far was classified safe."""
+        self.classified = self.answer
+        out, self.held, self.held_tokens = self.held, [], 0
+        return out

@@ -84,7 +84,8 @@ _TLS_CERT = flags.DEFINE_string('tls_cert', None, 'PEM certificate chain (with -
 _TLS_KEY = flags.DEFINE_string('tls_key', None, 'PEM private key (with --tls_cert); both '
                                'serve gRPC and HTTP over TLS')
 _SERVED_NAMES = flags.DEFINE_multi_string('served_model_name', [], 'a name the HTTP API '
-                                          'answers to in `model` (repeat for several, e.g. '
+                                          'answers to in `model`, and both APIs in '
+                                          '`safety_model` (repeat for several, e.g. '
                                           'zai-org/GLM-4.6); the model\'s own name always')
 _GRACE = flags.DEFINE_float('drain_grace_s', 30.0, 'on SIGTERM, seconds in-flight requests '
                             'get to finish')
@@ -143,20 +144,19 @@ def chat_template(model_dir: str | None) -> ChatTemplate:
     return ChatTemplate.from_dir(model_dir or DEMO_MODEL)
 
 
-def start_http(server: GlmServer, api_key: str | None, model_dir: str | None,
-               host: str, port: int, served_names: tuple[str, ...] = (),
-               tls_files: tuple[str, str] | None = None, moderation=None):
-    """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots.
-    `tls_files`: (certificate chain, private key) PEM paths, the same as gRPC's;
-    `moderation`: safety_model's classifier (glmjax.serving.moderation; None: the default)."""
+def start_http(server: GlmServer, api_key: str | None, host: str, port: int,
+               tls_files: tuple[str, str] | None = None):
+    """The HTTP API over the gRPC server's orchestrator: one engine, one set of slots, the
+    same served names, chat template and moderation file. `tls_files`: (certificate chain,
+    private key) PEM paths, the same as gRPC's."""
     from glmjax.serving.http_backend import EngineBackend
     from glmjax.serving.http_server import HttpServer
     backend = EngineBackend(server.orchestrator, server.tokenizer, server.cfg,
-                            server.model_name, server.engine.capacity,
-                            chat_template(model_dir),
+                            server.model_name, server.engine.capacity, server.chat_template,
                             ready=lambda: server.ready and not server.stopping,
-                            draining=lambda: server.stopping, served_names=served_names)
-    backend.moderation = moderation
+                            draining=lambda: server.stopping,
+                            served_names=server.served_names)
+    backend.moderation = server.moderation
     return HttpServer(backend, host, port, api_key, tls_files).start()
 
 
@@ -252,14 +252,14 @@ def main(argv):
         engine = lockstep.LeaderEngine(engine, leader)
     api_key = _API_KEY.value or os.environ.get('GLMJAX_API_KEY')
     server = GlmServer(engine, tokenizer, cfg, name, _MAX_QUEUE.value, _HOST.value,
-                       _PORT.value, api_key, _tls()).start()
+                       _PORT.value, api_key, _tls(),
+                       chat_template=chat_template(_CHECKPOINT.value or _HF_DIR.value),
+                       served_names=tuple(_SERVED_NAMES.value), moderation=moderation).start()
     print(f'glmjax-serve: listening on {_HOST.value}:{server.port} (warming up)', flush=True)
     http = None
     if _HTTP_PORT.value >= 0:
         tls_files = (_TLS_CERT.value, _TLS_KEY.value) if _TLS_CERT.value else None
-        http = start_http(server, api_key, _CHECKPOINT.value or _HF_DIR.value,
-                          _HTTP_HOST.value, _HTTP_PORT.value, tuple(_SERVED_NAMES.value),
-                          tls_files, moderation)
+        http = start_http(server, api_key, _HTTP_HOST.value, _HTTP_PORT.value, tls_files)
         scheme = 'https' if tls_files else 'http'
         print(f'glmjax-serve: HTTP API on {scheme}://{_HTTP_HOST.value}:{http.port}/v1 '
               f'(models: {", ".join(http.backend.served_names)})', flush=True)

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from glmjax.config import GlmConfig
 from glmjax.serving import protos
+from glmjax.serving.chat import ChatTemplate
 from glmjax.serving.constraints import ConstraintSpec, UnsupportedConstraint
 from glmjax.serving.contract import (
     GenRequest,
@@ -31,13 +32,27 @@ from glmjax.serving.contract import (
     starts_in_reasoning,
 )
 from glmjax.serving.engine import Engine
+from glmjax.serving.moderation import (
+    Classifier,
+    Moderation,
+    Refusal,
+    Screen,
+    category,
+    conversation,
+)
 from glmjax.serving.orchestrator import Chunk, Draining, Orchestrator, QueueFull, Request
 from glmjax.serving.protos import pb, pb_grpc
 from glmjax.serving.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FINISH = {'stop': pb.STOP, 'length': pb.LENGTH, 'cancelled': pb.CANCELLED}
+FINISH = {'stop': pb.STOP, 'length': pb.LENGTH, 'cancelled': pb.CANCELLED,
+          'content_filter': pb.CONTENT_FILTER}
+ERROR_CODE_KEY = 'glmjax-error-code'  # trailing metadata: why a request was refused
+
+
+class _Gone(Exception):
+    """The client left, or its deadline passed: nothing more is sent."""
 
 
 def _spec(make, field: str) -> ConstraintSpec:
@@ -147,6 +162,52 @@ def _response(chunk: Chunk, with_logprobs: bool):
     return r
 
 
+def _filtered(req: Request, generated: int, found: str):
+    """The last response of an answer classified unsafe: none of its unchecked tokens."""
+    r = pb.GenerateResponse(finish_reason=pb.CONTENT_FILTER,
+                            stop_reason=f'safety_model: {found}')
+    r.usage.prompt_tokens = len(req.prompt)
+    r.usage.completion_tokens = generated
+    r.usage.cached_tokens = req.cached_tokens
+    return r
+
+
+def _refuse(e: Refusal, context) -> None:
+    if e.code:
+        context.set_trailing_metadata(((ERROR_CODE_KEY, e.code),))
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def _chunks(req: Request, context):
+    """The request's chunks to the last; an engine failure, a cancellation or the deadline
+    ends the call with its status, and a client gone raises _Gone (the request cancelled)."""
+    # Client gone or deadline passed: free the slot, with the cause.
+    context.add_callback(lambda: req.cancel(_cause(context)))
+    while True:
+        try:
+            chunk = req.out.get(timeout=0.1)
+        except queue.Empty:
+            if not context.is_active():
+                req.cancel(_cause(context))
+                raise _Gone from None
+            continue
+        if chunk.finish_reason == 'error':
+            context.abort(grpc.StatusCode.INTERNAL, chunk.stop_reason)
+        if chunk.finish_reason == 'unavailable':
+            context.abort(grpc.StatusCode.UNAVAILABLE, chunk.stop_reason)
+        if chunk.finish_reason == 'cancelled':
+            if chunk.stop_reason == 'deadline':
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              'the deadline passed before the request finished')
+            if chunk.stop_reason == 'shutdown':
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              'the server shut down before the request finished')
+            context.abort(grpc.StatusCode.CANCELLED, 'the client cancelled the request')
+        yield chunk
+        if chunk.finish_reason:
+            return
+
+
 class GlmServicer(pb_grpc.GlmServicer):
     def __init__(self, server: 'GlmServer'):
         self.s = server
@@ -156,40 +217,70 @@ class GlmServicer(pb_grpc.GlmServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
+            classifier = self.s.classifier(request.safety_model or None)
             req = build_request(request, self.s.tokenizer, self.s.limits, deadline)
-            self.s.orchestrator.submit(req)
+            if classifier is not None:
+                said = conversation('', [('user', request.text or self.s.tokenizer.decode(
+                    req.prompt))])
+                found = self._verdict(classifier, 'prompt', said, deadline, context)
+                if found is not None:
+                    raise classifier.unsafe_prompt(found)
+            self._submit(req, context)
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Refusal as e:
+            _refuse(e, context)
+        except _Gone:
+            return
+        with_logprobs = request.logprobs or request.top_logprobs > 0
+        if classifier is None:
+            try:
+                for chunk in _chunks(req, context):
+                    yield _response(chunk, with_logprobs)
+            except _Gone:
+                return
+            return
+        # Held back until classified: every stream_window tokens, and at the end.
+        screen, generated = Screen(classifier.moderation.stream_window), 0
+        try:
+            for chunk in _chunks(req, context):
+                generated += len(chunk.token_ids)
+                final = chunk.finish_reason is not None
+                due = screen.push(chunk, chunk.text, len(chunk.token_ids), final)
+                if due is not None:
+                    found = self._verdict(classifier, 'response', conversation(
+                        said, [('assistant', due)]), deadline, context)
+                    if found is not None:
+                        req.cancel()
+                        yield _filtered(req, generated, found)
+                        return
+                if due is not None or final:
+                    for c in screen.passed():
+                        yield _response(c, with_logprobs)
+        except Refusal as e:
+            req.cancel()
+            _refuse(e, context)
+        except _Gone:
+            return
+
+    def _submit(self, req: Request, context) -> None:
+        try:
+            self.s.orchestrator.submit(req)
         except QueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Draining as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        # Client gone or deadline passed: free the slot, with the cause.
-        context.add_callback(lambda: req.cancel(_cause(context)))
-        with_logprobs = request.logprobs or request.top_logprobs > 0
-        while True:
-            try:
-                chunk = req.out.get(timeout=0.1)
-            except queue.Empty:
-                if not context.is_active():
-                    req.cancel(_cause(context))
-                    return
-                continue
-            if chunk.finish_reason == 'error':
-                context.abort(grpc.StatusCode.INTERNAL, chunk.stop_reason)
-            if chunk.finish_reason == 'unavailable':
-                context.abort(grpc.StatusCode.UNAVAILABLE, chunk.stop_reason)
-            if chunk.finish_reason == 'cancelled':
-                if chunk.stop_reason == 'deadline':
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  'the deadline passed before the request finished')
-                if chunk.stop_reason == 'shutdown':
-                    context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  'the server shut down before the request finished')
-                context.abort(grpc.StatusCode.CANCELLED, 'the client cancelled the request')
-            yield _response(chunk, with_logprobs)
-            if chunk.finish_reason:
-                return
+
+    def _verdict(self, classifier: Classifier, stage: str, content: str,
+                 deadline: float | None, context) -> str | None:
+        """The category if `content` is unsafe at `stage`, else None: one more request
+        through the same engine, under the caller's deadline."""
+        r = classifier.request(stage, content)
+        limits, tok = self.s.limits, self.s.tokenizer
+        req = Request(r.prompt_ids, slot_settings(r, limits), tok, (), 0, deadline,
+                      matcher(r, tok, limits))
+        self._submit(req, context)
+        return category(''.join(c.text for c in _chunks(req, context)).strip())
 
     def Tokenize(self, request, context):
         ids = self.s.tokenizer.encode(request.text)
@@ -253,9 +344,17 @@ class GlmServer:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, cfg: GlmConfig, model_name: str,
                  max_queue: int, host: str = '127.0.0.1', port: int = 0,
-                 api_key: str | None = None, tls: tuple[bytes, bytes] | None = None):
+                 api_key: str | None = None, tls: tuple[bytes, bytes] | None = None, *,
+                 chat_template: ChatTemplate | None = None, served_names: tuple[str, ...] = (),
+                 moderation: Moderation | None = None):
+        """served_names: what `safety_model` (and HTTP's `model`) may say besides
+        model_name; chat_template (default: GLM-4.6's) renders the moderation prompts of
+        `moderation` (default: the moderation.json beside glmjax/serving/moderation.py)."""
         eos = cfg.eos_token_ids
         self.engine, self.tokenizer, self.cfg, self.model_name = engine, tokenizer, cfg, model_name
+        self.served_names = tuple(dict.fromkeys((model_name,) + tuple(served_names)))
+        self.chat_template = chat_template or ChatTemplate.default()
+        self.moderation = moderation or Moderation.load()
         self.limits = Limits(cfg.vocab_size, engine.capacity, tuple(eos))
         self.orchestrator = Orchestrator(engine, max_queue)
         self.ready = self.stopping = False
@@ -283,6 +382,16 @@ class GlmServer:
             self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f'could not listen on {address}')
+
+    def classifier(self, name: str | None) -> Classifier | None:
+        """safety_model's checks for a request naming `name` (None: none asked)."""
+        if name is None:
+            return None
+        limits = self.limits
+        return Classifier.of(name, self.served_names, moderation=self.moderation,
+                             chat_template=self.chat_template, encode=self.tokenizer.encode,
+                             limits=limits, compiler=constraint_compiler(
+                                 self.tokenizer, limits.vocab_size, limits.eos_ids))
 
     def _set_health(self, status) -> None:
         for name in ('', protos.SERVICE_NAME):
