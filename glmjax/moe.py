@@ -270,7 +270,8 @@ class MoE(nnx.Module):
         self.gate = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
         self.up = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
         self.down = param(rngs, (E, F, D), ('experts', 'moe_mlp', 'embed'), dtype)
-        self.shared = MLP(cfg, cfg.shared_intermediate_size, 'moe_mlp', dtype, rngs)
+        # A dense FFN beside the experts: split as the dense layers' FFN, not as an expert.
+        self.shared = MLP(cfg, cfg.shared_intermediate_size, 'mlp', dtype, rngs)
 
     def __call__(self, x: jax.Array, impl: str | None = None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]."""

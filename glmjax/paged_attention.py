@@ -50,7 +50,6 @@ from jax.sharding import PartitionSpec as P
 # the parameters (glmjax.sharding.pages_shardings).
 from glmjax.cache import PAGES_AXES  # noqa: F401
 from glmjax.config import GlmConfig
-from glmjax.mesh_axes import TENSOR
 
 IMPLS = ('reference', 'tpu_ragged', 'tpu_paged', 'gpu_paged')
 
@@ -123,7 +122,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            num_seqs: jax.Array, *, sm_scale: float, impl: str | None = None,
                            pages_per_block: int | None = None,
                            queries_per_block: int | None = None,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, heads_axis: str | None = None) -> jax.Array:
     """Causal GQA of a ragged batch over its rows' pages.
 
     q: [T, N, H]; k_pages, v_pages: [K, P, L, H]; kv_lens: [R] int32; page_indices: [R, M]
@@ -134,6 +133,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     key block (the reference's online-softmax block, the kernels' compute block);
     `queries_per_block`: tokens per tile of the reference, the TPU ragged kernel's query
     block. `interpret` runs a kernel in Pallas interpret mode (on CPU, for tests).
+    `heads_axis`: the mesh axis the pools' kv heads are split over (None: not split); a
+    kernel runs per device over it (the reference is partitioned by the compiler).
     """
     impl = impl or choose_impl(q.shape[0], kv_lens.shape[0])
     if pages_per_block is None:
@@ -145,28 +146,28 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if impl == 'tpu_ragged':
         return _over_heads(functools.partial(
             _tpu_ragged, sm_scale=sm_scale, pages_per_block=pages_per_block,
-            queries_per_block=queries_per_block, interpret=interpret), *args)
+            queries_per_block=queries_per_block, interpret=interpret), heads_axis, *args)
     if impl in ('tpu_paged', 'gpu_paged'):
         return _over_heads(functools.partial(
             _per_token_decode, impl, sm_scale=sm_scale, pages_per_block=pages_per_block,
-            interpret=interpret), *args)
+            interpret=interpret), heads_axis, *args)
     raise ValueError(f'unknown paged attention impl {impl!r}; choose one of {IMPLS}')
 
 
-def _over_heads(kernel, q, k_pages, v_pages, *batch) -> jax.Array:
+def _over_heads(kernel, heads_axis, q, k_pages, v_pages, *batch) -> jax.Array:
     """A kernel on the mesh set with `jax.set_mesh`: the compiler cannot partition a Pallas
     call, so each device runs it on its own kv heads (the pool's layout: kv heads over
-    `tensor`) and their query heads, with the batch's tables replicated; the heads of a
-    group stay on one device (query head n reads kv head n // (N // K) locally too). Where
-    the kv heads do not split over `tensor`, every device computes all heads. Without a
-    mesh, the kernel as it is."""
+    `heads_axis`, as the rules put them) and their query heads, with the batch's tables
+    replicated; the heads of a group stay on one device (query head n reads kv head
+    n // (N // K) locally too). Where the kv heads are not split, every device computes all
+    heads. Without a mesh, the kernel as it is."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k_pages, v_pages, *batch)
-    n = mesh.shape.get(TENSOR, 1)
-    axis = TENSOR if n > 1 and k_pages.shape[0] % n == 0 else None
+    n = mesh.shape.get(heads_axis, 1) if heads_axis else 1
+    axis = heads_axis if n > 1 and k_pages.shape[0] % n == 0 else None
     heads, pages = P(None, axis, None), P(axis, None, None, None)
-    # Unchecked varying axes: the kernels' outputs vary over `tensor` by construction.
+    # Unchecked varying axes: the kernels' outputs vary over the heads' axis by construction.
     return jax.shard_map(kernel, in_specs=(heads, pages, pages) + (P(),) * len(batch),
                          out_specs=heads, check_vma=False)(q, k_pages, v_pages, *batch)
 

@@ -35,6 +35,9 @@ class KVPages:
     """The paged KV cache: an explicit pytree, passed in, donated and returned."""
     k: tuple[jax.Array, ...]  # per layer [K, P, L, H]
     v: tuple[jax.Array, ...]
+    # The mesh axis the pools' kv heads are split over (None: not split), static: the Pallas
+    # kernels, which the compiler cannot partition, run per device over it.
+    heads_axis: str | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_pages(self) -> int:
@@ -45,12 +48,14 @@ class KVPages:
         return self.k[0].shape[2]
 
 
-def init_pages(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> KVPages:
+def init_pages(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16,
+               heads_axis: str | None = None) -> KVPages:
     """Zeroed pools for the main stack's layers."""
     shape = pages_shape(cfg, num_pages, page_size, dtype)
     layers = cfg.num_hidden_layers
     return KVPages(k=tuple(jnp.zeros(shape.shape, shape.dtype) for _ in range(layers)),
-                   v=tuple(jnp.zeros(shape.shape, shape.dtype) for _ in range(layers)))
+                   v=tuple(jnp.zeros(shape.shape, shape.dtype) for _ in range(layers)),
+                   heads_axis=heads_axis)
 
 
 def pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16) -> int:
@@ -60,10 +65,10 @@ def pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat
 
 
 def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax.Array,
-               v_pages: jax.Array, batch: tuple, impl: str | None):
+               v_pages: jax.Array, batch: tuple, impl: str | None, heads_axis: str | None):
     """Attention.__call__'s math for packed tokens x: [T, D] over one layer's pages
-    [K, P, L, H]. batch: (kv_lens, page_indices, cu_q_lens, num_seqs). Returns [T, D] and
-    the updated pages."""
+    [K, P, L, H] (kv heads split over the mesh axis `heads_axis`). batch: (kv_lens,
+    page_indices, cu_q_lens, num_seqs). Returns [T, D] and the updated pages."""
     cfg = attn.cfg
     q = jnp.einsum('TD,DNH->TNH', x, attn.q[...])
     k = jnp.einsum('TD,DKH->TKH', x, attn.k[...])
@@ -77,7 +82,7 @@ def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax
     q, k = apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, *batch)
     out = ragged_paged_attention(q, k_pages, v_pages, *batch, sm_scale=cfg.head_dim ** -0.5,
-                                 impl=impl)  # [T, N, H]
+                                 impl=impl, heads_axis=heads_axis)  # [T, N, H]
     T, N, H = out.shape
     return out.reshape(T, N * H) @ attn.o[...].reshape(N * H, -1), k_pages, v_pages
 
@@ -109,13 +114,13 @@ def paged_hidden(cfg: GlmConfig, params: dict, tokens: jax.Array, positions: jax
     ks, vs = [], []
     for i, layer in enumerate(model.layers):
         h, k, v = _attention(layer.attn, layer.attn_norm(x), positions, pages.k[i], pages.v[i],
-                             batch, attn_impl)
+                             batch, attn_impl, pages.heads_axis)
         ks.append(k)
         vs.append(v)
         x = x + h
         h = layer.mlp_norm(x)
         x = x + (_moe(layer.mlp, h, valid) if isinstance(layer.mlp, MoE) else layer.mlp(h))
-    return model.norm(x), KVPages(k=tuple(ks), v=tuple(vs))
+    return model.norm(x), pages.replace(k=tuple(ks), v=tuple(vs))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames='attn_impl',

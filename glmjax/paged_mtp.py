@@ -31,11 +31,11 @@ from glmjax.paged_inference import KVPages, _attention, _moe
 
 
 def init_mtp_pages(cfg: GlmConfig, num_pages: int, page_size: int,
-                   dtype=jnp.bfloat16) -> KVPages:
+                   dtype=jnp.bfloat16, heads_axis: str | None = None) -> KVPages:
     """A zeroed pool for the MTP layer: one layer's k and v, [K, P, L, H] each."""
     shape = pages_shape(cfg, num_pages, page_size, dtype)
     return KVPages(k=(jnp.zeros(shape.shape, shape.dtype),),
-                   v=(jnp.zeros(shape.shape, shape.dtype),))
+                   v=(jnp.zeros(shape.shape, shape.dtype),), heads_axis=heads_axis)
 
 
 def mtp_pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int,
@@ -61,11 +61,11 @@ def paged_mtp_hidden(cfg: GlmConfig, params: dict, hidden: jax.Array, next_token
     x = jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1) @ mtp.eh_proj[...]
     layer = mtp.layer
     h, k, v = _attention(layer.attn, layer.attn_norm(x), positions, pages.k[0], pages.v[0],
-                         batch, attn_impl)
+                         batch, attn_impl, pages.heads_axis)
     x = x + h
     h = layer.mlp_norm(x)
     x = x + (_moe(layer.mlp, h, valid) if isinstance(layer.mlp, MoE) else layer.mlp(h))
-    return mtp.head_norm(x), KVPages(k=(k,), v=(v,))
+    return mtp.head_norm(x), pages.replace(k=(k,), v=(v,))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames='attn_impl',

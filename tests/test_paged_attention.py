@@ -208,12 +208,14 @@ def test_decode_kernel_in_interpret_mode_equals_reference(impl):
 
 
 @pytest.mark.parametrize('impl', ['tpu_paged', 'gpu_paged'])
-@pytest.mark.parametrize('axes', [{'tensor': 2, 'expert': 4}, {'tensor': 8}])
-def test_decode_kernel_on_a_mesh_runs_per_device_and_equals_reference(impl, axes):
+@pytest.mark.parametrize('axes, heads', [({'tensor': 2, 'expert': 4}, 'tensor'),
+                                         ({'tensor': 4, 'expert': 2}, 'expert'),
+                                         ({'tensor': 8}, 'tensor')])
+def test_decode_kernel_on_a_mesh_runs_per_device_and_equals_reference(impl, axes, heads):
     """On a mesh the compiler cannot partition a Pallas call: each device runs the kernel on
-    its kv heads (pages split over tensor, as the engine lays them out); 2 kv heads do not
-    split over tensor=8, so there every device computes all of them. Both equal the
-    reference on one device."""
+    its kv heads (pages split over the axis the rules give them, tensor or expert); 2 kv
+    heads do not split over tensor=8, so there every device computes all of them. All equal
+    the reference on one device."""
     from glmjax import sharding
     batch, _, _ = make_batch(np.random.default_rng(6), ROWS, garbage=7.0)
     for name in ('k_pages', 'v_pages'):
@@ -221,17 +223,21 @@ def test_decode_kernel_on_a_mesh_runs_per_device_and_equals_reference(impl, axes
     want = np.asarray(attention(batch, pages_per_block=2))
     mesh = sharding.make_mesh(axes)
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        'tensor' if K % axes['tensor'] == 0 else None))
+        heads if K % axes[heads] == 0 else None))
     placed = {name: jax.device_put(x, split if name.endswith('_pages') else
                                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
               for name, x in batch.items()}
     fn = jax.jit(functools.partial(pa.ragged_paged_attention, sm_scale=SCALE, impl=impl,
-                                   pages_per_block=2, interpret=True))
+                                   pages_per_block=2, interpret=True, heads_axis=heads))
     with jax.set_mesh(mesh):
         got = fn(**placed)
         text = fn.lower(**placed).as_text()
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     assert 'shard_map' in text or 'manual' in text
+    # Each device's query heads: split over `heads` exactly when the kv heads are.
+    manual = text[text.index('manual_computation'):text.index('manual_axes')]
+    split_heads = f'<@mesh, [{{}}, {{"{heads}"}}, {{}}]>'
+    assert (split_heads in manual) == (K % axes[heads] == 0), manual
 
 
 def test_tpu_ragged_layout_and_arguments():

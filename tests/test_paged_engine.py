@@ -293,20 +293,25 @@ def test_embed_is_the_normalised_mean_of_the_hidden_states(model):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize('axes', [{'expert': 4, 'tensor': 2}, {'data': 2, 'expert': 4}])
-def test_on_a_mesh_greedy_equals_generate(model, axes):
+@pytest.mark.parametrize('axes, rules, heads', [
+    ({'expert': 4, 'tensor': 2}, 'decode_ep', 'tensor'), ({'data': 2, 'expert': 4}, 'decode_ep',
+                                                          None),
+    ({'expert': 2, 'tensor': 4}, 'ep_tp', 'expert')])
+def test_on_a_mesh_greedy_equals_generate(model, axes, rules, heads):
     from glmjax import sharding
     cfg, params = model
     mesh = sharding.make_mesh(axes)
-    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
     eng = PagedEngine(cfg, sharded, max_batch=4, max_seq_len=MAX_SEQ, steps_per_call=3,
                       page_size=PAGE, num_pages=PAGES, max_num_batched_tokens=CHUNK,
-                      mesh=mesh)
+                      mesh=mesh, rules=rules)
     ps = prompts([40, 7, 33, 16], seed=5)
     assert run(eng, ps, greedy(len(ps), 12)) == generate(cfg, params, ps, 12, stop_ids=())
     k = eng.pages.k[0]
-    assert k.sharding.is_equivalent_to(sharding.pages_shardings(cfg, mesh, k), k.ndim)
-    if 'tensor' in axes:  # kv heads split over tensor, as the contiguous cache's
-        assert {s.data.shape[0] for s in k.addressable_shards} == {cfg.num_key_value_heads // 2}
+    assert k.sharding.is_equivalent_to(sharding.pages_shardings(cfg, mesh, k, rules), k.ndim)
+    # kv heads split over the axis the rules give them (the kernels run per device over it).
+    assert eng.heads_axis == heads and eng.pages.heads_axis == heads
+    split = cfg.num_key_value_heads // (axes[heads] if heads else 1)
+    assert {s.data.shape[0] for s in k.addressable_shards} == {split}
     inputs = prompts([3, 40, 17, 1, 9], seed=6)
     np.testing.assert_allclose(eng.embed(inputs), engine(model).embed(inputs), atol=1e-5)

@@ -88,10 +88,29 @@ def test_glm46_fp8_fits_h100_with_tensor_parallelism():
     assert p['compiled_argument_bytes_per_device'] == p['expected_argument_bytes_per_device']
 
 
+def test_glm46_ep_tp_splits_attention_and_kv_over_the_experts_devices():
+    """The same 8 H200s with rules ep_tp: the attention, shared experts and vocabulary split
+    8 ways beside the experts, so a device holds 1/8 of each token's KV and 28x the
+    tokens fit; the --kv_cache_gb printed makes exactly that pool."""
+    ep = plan_json('--mesh', 'expert=8', '--device_memory_gb', '141', '--max_seq_len', '8192')
+    tp = plan_json('--mesh', 'expert=8', '--device_memory_gb', '141', '--max_seq_len', '8192',
+                   '--rules', 'ep_tp')
+    assert tp['kv_bytes_per_token_per_device'] == KV_PER_TOKEN // 8
+    # Everything split 8 ways but the norms (a few MB).
+    assert near(tp['weights_bytes_per_device'], 2 * (EXPERTS + EMBED_AND_HEAD + OTHER) / 8
+                + 4 * ROUTERS / 8, 0.01)
+    assert ep['weights_bytes_per_device'] - tp['weights_bytes_per_device'] > 25e9
+    assert tp['kv_page_token_capacity'] > 20 * ep['kv_page_token_capacity']  # 1.07M, 38K
+    for p in (ep, tp):
+        pool = p['kv_page_capacity'] * 16 * KV_PER_TOKEN  # what PagedEngine sizes from it
+        assert p['kv_cache_gb_flag'] * 2 ** 30 <= pool < (p['kv_cache_gb_flag'] + 0.1) * 2 ** 30
+
+
 def test_plan_report_and_errors():
     done, _ = glmjax_plan('--mesh', 'expert=8', '--device_memory_gb', '141')
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'weights' in done.stdout and 'FITS' in done.stdout and 'KV capacity' in done.stdout
+    assert '--kv_cache_gb' in done.stdout and '--rules ep_tp splits them' in done.stdout
     done, _ = glmjax_plan('--mesh', 'expert=3')
     assert done.returncode != 0
     assert "give mesh axis 'expert' a size that divides 160" in done.stderr

@@ -59,12 +59,14 @@ def run(cfg, params, cache):
     return {k: np.asarray(v) for k, v in out.items()}, cache
 
 
-@pytest.mark.parametrize('name', MESHES)
-def test_sharded_equals_single_device(name, checkpoint, cfg, single):
+@pytest.mark.parametrize('name, rules', [(name, 'decode_ep') for name in MESHES] + [
+    ('expert8', 'ep_tp'), ('data2_expert2_tensor2', 'ep_tp')])
+def test_sharded_equals_single_device(name, rules, checkpoint, cfg, single):
     mesh = sharding.make_mesh(MESHES[name])
     params = load_hf(checkpoint, cfg, jnp.float32,
-                     shardings=sharding.param_shardings(cfg, mesh))
-    shardings = sharding.cache_shardings(cfg, mesh, cache_shapes(cfg, 4, 32, jnp.float32))
+                     shardings=sharding.param_shardings(cfg, mesh, rules))
+    shardings = sharding.cache_shardings(cfg, mesh, cache_shapes(cfg, 4, 32, jnp.float32),
+                                         rules)
     cache = jax.device_put(init_cache(cfg, 4, 32, jnp.float32), shardings)
     with jax.set_mesh(mesh):
         got, cache = run(cfg, params, cache)
@@ -129,6 +131,26 @@ def test_full_size_glm46_shardings_split_the_experts():
     gate = shardings['mtp']['layer']['mlp']['gate']
     assert gate.shard_shape((160, 1536, 5120)) == (20, 1536, 5120)
     assert shardings['model']['embed'].spec == jax.P(None, None)  # tensor=1: no split
+
+
+def test_ep_tp_splits_attention_and_kv_over_the_expert_devices():
+    """GLM-4.6 on 8 devices of an expert-only mesh: decode_ep holds every attention weight,
+    the shared experts, the vocabulary and the whole KV cache on each device; ep_tp splits
+    them 8 ways too (96 query heads, 8 kv heads, 151,552 tokens, the shared width 1,536)."""
+    cfg = GlmConfig.preset('glm-4.6')
+    mesh = sharding.make_mesh({'expert': 8})
+    for rules, n in (('decode_ep', 1), ('ep_tp', 8)):
+        s = sharding.param_shardings(cfg, mesh, rules)
+        attn, layer = s['model']['layers'][5]['attn'], s['model']['layers'][5]['mlp']
+        assert attn['q'].shard_shape((5120, 96, 128)) == (5120, 96 // n, 128)
+        assert attn['k'].shard_shape((5120, 8, 128)) == (5120, 8 // n, 128)
+        assert attn['o'].shard_shape((96, 128, 5120)) == (96 // n, 128, 5120)
+        assert layer['shared']['gate'].shard_shape((5120, 1536)) == (5120, 1536 // n)
+        assert layer['gate'].shard_shape((160, 1536, 5120)) == (20, 1536, 5120)
+        assert s['model']['embed'].shard_shape((151552, 5120)) == (151552 // n, 5120)
+        pages = sharding.pages_shardings(cfg, mesh, jax.ShapeDtypeStruct((8, 64, 16, 128),
+                                                                         jnp.bfloat16), rules)
+        assert pages.shard_shape((8, 64, 16, 128)) == (8 // n, 64, 16, 128)
 
 
 def test_mesh_errors_say_what_to_change():

@@ -392,8 +392,12 @@ class PagedEngine(Engine):
         self.layout = Layout(mesh, get_rules(rules))
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
         self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
+        spec = self._pages_sharding.k[0].spec
+        self.heads_axis = spec[0] if len(spec) else None  # where the rules put the kv heads
+        self._pages_sharding = self._pages_sharding.replace(heads_axis=self.heads_axis)
         mtp = jax.eval_shape(lambda: init_mtp_pages(cfg, self.num_pages, page_size, self.dtype))
-        self._mtp_sharding = pages_shardings(cfg, mesh, mtp, self.layout.rules)
+        self._mtp_sharding = pages_shardings(cfg, mesh, mtp, self.layout.rules).replace(
+            heads_axis=self.heads_axis)
         # What speculation did, from the fetched outputs: vLLM's spec_decode counters.
         self.spec_totals = {'num_drafts': 0, 'num_draft_tokens': 0, 'num_accepted_tokens': 0}
         self.spec_accepted_per_pos = np.zeros(speculative_tokens, np.int64)
@@ -422,12 +426,13 @@ class PagedEngine(Engine):
         """A new pool, decode state and page manager: every sequence and cached page gone."""
         with jax.set_mesh(self.layout.mesh):
             # Built in place, shard by shard: no device ever holds the whole pool.
-            self.pages = jax.jit(init_pages, static_argnums=(0, 1, 2, 3),
+            self.pages = jax.jit(init_pages, static_argnums=(0, 1, 2, 3, 4),
                                  out_shardings=self._pages_sharding)(
-                self.cfg, self.num_pages, self.page_size, self.dtype)
+                self.cfg, self.num_pages, self.page_size, self.dtype, self.heads_axis)
             self.mtp_pages = None if not self.num_drafts else jax.jit(
-                init_mtp_pages, static_argnums=(0, 1, 2, 3), out_shardings=self._mtp_sharding)(
-                self.cfg, self.num_pages, self.page_size, self.dtype)
+                init_mtp_pages, static_argnums=(0, 1, 2, 3, 4),
+                out_shardings=self._mtp_sharding)(
+                self.cfg, self.num_pages, self.page_size, self.dtype, self.heads_axis)
             self.state = self.layout.put(_empty_state(self.max_batch, self.vocab_size,
                                                       self.num_drafts))
         self.manager = PageManager(self.num_pages, self.page_size, self.max_pages_per_seq,

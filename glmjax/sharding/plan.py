@@ -180,6 +180,11 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         'kv_page_token_capacity': int(max(free, 0) // page_device) * page_size,
         'sequences_of_max_seq_len': int(max(free, 0) // page_device)
         // -(-max_seq_len // page_size),
+        # glmjax-serve's --kv_cache_gb for that pool: the pool's logical size (whole tokens),
+        # in GiB, rounded down.
+        'kv_cache_gb_flag': math.floor(int(max(free, 0) // page_device) * page_size * int(
+            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+            * jnp.dtype(kvdtype).itemsize) / 2 ** 30 * 10) / 10,
     }
 
 
@@ -207,13 +212,19 @@ def report(cfg_name: str, p: dict) -> str:
         f"KV pages of {p['page_size']} tokens: {p['kv_page_capacity']:,} pages "
         f"of {p['kv_page_bytes_per_device']:,} B on a device = "
         f"{p['kv_page_token_capacity']:,} tokens, {p['sequences_of_max_seq_len']:,} "
-        f"sequences of {p['max_seq_len']:,} tokens at once (prefix sharing fits more)",
+        f"sequences of {p['max_seq_len']:,} tokens at once (prefix sharing fits more); "
+        f"glmjax-serve --kv_cache_gb {p['kv_cache_gb_flag']} makes that pool",
         f'compiled with {L} layers, extrapolated to the full depth: arguments '
         f"{g(p['compiled_argument_bytes_per_device']).strip()} (expected weights without "
         f"MTP + KV cache + tokens = {g(p['expected_argument_bytes_per_device']).strip()}); "
         f"XLA:CPU temporaries {g(p['cpu_temp_bytes_full_depth']).strip()} (inflated by fp32 "
         'weight copies; not counted)',
     ]
+    if p['devices'] > 1 and p['kv_bytes_per_token_per_device'] == p['kv_bytes_per_token'] \
+            and p['mesh'].get('expert', 1) > 1:
+        lines.append(f"note: every device holds the whole KV cache and all of the attention "
+                     f"(rules {p['rules']} split kv heads over no mesh axis of this mesh); "
+                     '--rules ep_tp splits them over `expert` as well')
     return '\n'.join(lines)
 
 

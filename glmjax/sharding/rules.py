@@ -73,6 +73,13 @@ PRESETS: dict[str, Rules] = {
     # FFN and the vocabulary over `tensor`, batch rows over `data`. No large weight is held
     # twice unless an axis is left to replicas (e.g. attention across `expert`).
     'decode_ep': Rules(),
+    # Experts over `expert`, and everything else split over the same devices too: the
+    # attention heads (so the KV pages), the dense FFNs and shared experts and the vocabulary
+    # (tensor parallelism within the expert group, vLLM's layout with expert parallelism);
+    # each expert's width over `tensor`. On an expert-only mesh no weight and no KV page is
+    # held twice: GLM-4.6 on 8 devices keeps 1/8 of the attention and KV per device, where
+    # decode_ep holds all of it on each.
+    'ep_tp': Rules(vocab=EXPERT, q_heads=EXPERT, kv_heads=EXPERT, mlp=EXPERT),
     # Pure tensor parallelism (Megatron layout) for meshes without an expert axis: every
     # expert split along its width over `tensor`.
     'prefill_tp': Rules(experts=None),
