@@ -19,6 +19,12 @@ its own, so a process that dies (its connection closes) or hangs (its heartbeats
 `timeout` seconds) is noticed even while the device loop is stuck in a collective that waits
 for it. The leader then reports the failure (`on_failure`; glmjax-serve turns health
 NOT_SERVING and answers in-flight requests UNAVAILABLE) and the followers exit non-zero.
+
+An engine call that raises on the leader (the orchestrator then fails the requests concerned
+and serves on, as on one host) is announced to the followers with a `failed` message: the
+engine is deterministic, so their same call failed too, and they go on in step. A call that
+fails on one side only leaves the processes with different states: the follower stops
+(`Diverged`, naming the call and the error), and the leader sees it gone.
 """
 
 import base64
@@ -202,6 +208,10 @@ class LeaderEngine(Engine):
             # run by the orchestrator, which asks lost() itself).
             if (failure := self.lost()) is not None:
                 raise EngineLost(failure) from e
+            # The orchestrator fails the requests concerned and goes on; the followers, whose
+            # same call failed as well (the engine is deterministic), go on with it.
+            self.leader.broadcast({'op': 'failed', 'call': message['op'],
+                                   'error': f'{type(e).__name__}: {e}'})
             raise
 
     def prefill(self, tokens: list[int]) -> Prefix:
@@ -243,6 +253,11 @@ class LeaderEngine(Engine):
 
 class _Abandoned(Exception):
     """The leader sent another call where a step's token masks were due."""
+
+
+class Diverged(RuntimeError):
+    """A call failed on the leader or on this follower but not on both: their states differ,
+    and the follower stops (the leader then sees it gone)."""
 
 
 def _connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -311,32 +326,23 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
     def masks() -> np.ndarray:
         message = next_call()
         if message['op'] != 'masks':
-            # The leader's host failed between the forward and the sampling: it resets (or
-            # stops) next; this call is abandoned as the leader's was.
+            # The leader's step failed between the forward and the sampling: it says
+            # 'failed' (or stops) next; this call is abandoned as the leader's was.
             with ready:
                 calls.insert(0, message)
             raise _Abandoned(message['op'])
         raw = zlib.decompress(base64.b64decode(message['allowed']))
         return np.frombuffer(raw, np.int32).reshape(message['shape']).copy()
 
-    prefix = None
-    while True:
-        message = next_call()
+    def call(message: dict) -> None:
+        nonlocal prefix
         op = message['op']
-        if op == 'stop':
-            log.info('process 0 stopped serving')
-            return 0
         if op == 'prefill':
             prefix = engine.prefill(message['tokens'])
         elif op == 'insert':
             engine.insert(prefix, message['slot'], SlotSettings.from_json(message['settings']))
-        elif op == 'generate' and message.get('masked'):
-            try:
-                engine.generate(masks)
-            except _Abandoned as e:
-                log.warning('process 0 abandoned a constrained step (next call: %s)', e)
         elif op == 'generate':
-            engine.generate()
+            engine.generate(masks if message.get('masked') else None)
         elif op == 'free':
             engine.free(message['slot'])
         elif op == 'reset':
@@ -347,3 +353,32 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
             engine.warmup()
         else:
             lost(f'sent an unknown call {op!r} (different glmjax versions?)')
+
+    # A call that fails here must have failed on the leader too, which then says 'failed'
+    # (and the orchestrator fails its requests and resets or goes on): both go on in step.
+    # A failure on one side only means the processes no longer hold the same state: stop.
+    prefix, failed = None, None  # failed: (the call, its error) of this process's last call
+    while True:
+        message = next_call()
+        op = message['op']
+        if op == 'stop':
+            log.info('process 0 stopped serving')
+            return 0
+        if op == 'failed':
+            if failed is None:
+                raise Diverged(f"process 0's {message['call']} call failed "
+                               f"({message['error']}) where this process's did not")
+            log.warning('the %s call failed here and on process 0 alike (%s); going on',
+                        *failed)
+            failed = None
+            continue
+        if failed is not None:
+            raise Diverged(f"this process's {failed[0]} call failed ({failed[1]}) where "
+                           f"process 0's did not")
+        try:
+            call(message)
+        except _Abandoned as e:  # the leader's step failed between forward and sampling
+            failed = (op, f'abandoned: process 0 sent {e} where masks were due')
+        except Exception as e:
+            log.exception('the %s call failed', op)
+            failed = (op, f'{type(e).__name__}: {e}')
