@@ -315,3 +315,35 @@ def test_on_a_mesh_greedy_equals_generate(model, axes, rules, heads):
     assert {s.data.shape[0] for s in k.addressable_shards} == {split}
     inputs = prompts([3, 40, 17, 1, 9], seed=6)
     np.testing.assert_allclose(eng.embed(inputs), engine(model).embed(inputs), atol=1e-5)
+
+
+def test_the_pool_fills_the_devices_memory_where_they_report_it(model, monkeypatch):
+    """Without num_pages or kv_cache_bytes, on devices that report their memory (GPU, TPU):
+    as many pages as fit in 90% of a device's memory less what it uses, counting a page as
+    the shard a device holds (half of it with the kv heads over 2 devices) and the MTP
+    layer's pages with speculation; too little memory is an error with the numbers."""
+    from glmjax import sharding
+    from glmjax.serving import paged_engine
+    cfg, params = model
+    one = jax.eval_shape(lambda: init_pages(cfg, 1, PAGE, jnp.float32))
+    page = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(one))
+    used = 12_345
+    limit = int((37.5 * page + used) / paged_engine.KV_MEMORY_FRACTION) + 1
+    memory = {'limit': limit}
+    monkeypatch.setattr(paged_engine, 'device_memory',
+                        lambda devices: [(memory['limit'], used)] * len(devices))
+    assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE).num_pages == 37
+    # With speculation one layer's pages more per page: 37.5 x L / (L + 1) of them.
+    L = cfg.num_hidden_layers
+    assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE, speculative_tokens=1
+                       ).num_pages == int(37.5 * L / (L + 1))
+    mesh = sharding.make_mesh({'expert': 2, 'tensor': 4})
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh, 'ep_tp'))
+    split = PagedEngine(cfg, sharded, 2, MAX_SEQ, page_size=PAGE, mesh=mesh, rules='ep_tp')
+    assert split.num_pages == 75  # each device holds 1 of the 2 kv heads of every page
+    memory['limit'] = 1000
+    with pytest.raises(ValueError, match='no room for KV pages: 90% of a device.s memory '
+                                         'less the 12,345 bytes in use leaves'):
+        PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE)
+    # Given a size, memory is not asked.
+    assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE, num_pages=9).num_pages == 9

@@ -60,6 +60,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable
 
 import jax
@@ -94,6 +95,18 @@ from glmjax.speculative import SpecRows, draft, speculative_step
 from glmjax.token_mask import bitmask_words
 
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
+# Without num_pages or kv_cache_bytes, on devices that report their memory: the pool takes
+# this share of each device's memory, less what is in use (the weights); the rest is for the
+# steps' temporaries (vLLM's gpu_memory_utilization, whose default this is).
+KV_MEMORY_FRACTION = 0.9
+
+
+def device_memory(devices) -> list[tuple[int, int]] | None:
+    """(bytes_limit, bytes_in_use) of each device; None if one does not say (a CPU)."""
+    stats = [d.memory_stats() for d in devices]
+    if not all(s and 'bytes_limit' in s for s in stats):
+        return None
+    return [(int(s['bytes_limit']), int(s.get('bytes_in_use', 0))) for s in stats]
 
 
 # Per-slot decode state, [B] = [max_batch] rows: what sampling reads and advances, plus each
@@ -334,8 +347,10 @@ class PagedEngine(Engine):
     """The engine over a paged KV cache with prefix caching and preemption.
 
     max_batch: concurrent sequences (slots). The pool has `num_pages` pages of `page_size`
-    positions (page 0 is scratch), or as many as `kv_cache_bytes` holds; by default enough
-    for max_batch full-length sequences. Its dtype is the weights'.
+    positions (page 0 is scratch), or as many as `kv_cache_bytes` holds (whole tokens' K/V,
+    over all devices); by default, on devices that report their memory (GPU, TPU), as many
+    as fit in KV_MEMORY_FRACTION of each device's memory less what is in use (the weights),
+    else enough for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
@@ -379,17 +394,17 @@ class PagedEngine(Engine):
         # A decode call's most new positions per sequence: every step may emit k + 1.
         self.call_tokens = steps_per_call * (speculative_tokens + 1)
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
+        mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
+        self.layout = Layout(mesh, get_rules(rules))
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
         self.token_buckets = token_buckets(max_num_batched_tokens)
-        mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
         # Chosen here, not from the step's shape: a mixed step's rows hold chunks, so it
         # must never get the decode-only kernel, even with fewer tokens than rows.
         self.decode_impl = attn_impl or choose_impl(1, 1)
         self.mixed_impl = attn_impl or choose_impl(2, 1)
-        self.layout = Layout(mesh, get_rules(rules))
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
         self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
         spec = self._pages_sharding.k[0].spec
@@ -416,11 +431,43 @@ class PagedEngine(Engine):
                 per_token += per_token // self.cfg.num_hidden_layers
             num_pages = kv_cache_bytes // (self.page_size * per_token)
         elif num_pages is None:
-            num_pages = 1 + self.max_batch * pages_for(self.max_seq_len, self.page_size)
+            num_pages = self._pages_in_memory()
+            if num_pages is None:
+                num_pages = 1 + self.max_batch * pages_for(self.max_seq_len, self.page_size)
         if num_pages < 2:
             raise ValueError(f'a pool of {num_pages} pages of {self.page_size} tokens: need at '
                              f'least 2 (page 0 is scratch); give more kv_cache_bytes')
         return int(num_pages)
+
+    def _pages_in_memory(self) -> int | None:
+        """The pages that fit in KV_MEMORY_FRACTION of each device's memory less what it
+        uses, the same on every process (the smallest); None where devices do not say."""
+        mesh = self.layout.mesh
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        memory = device_memory(local)
+        if memory is None:
+            return None
+        free = min(int(KV_MEMORY_FRACTION * limit) - used for limit, used in memory)
+        # One page of every pool (the MTP layer's too), as the rules shard it on a device.
+        one = jax.eval_shape(lambda: init_pages(self.cfg, 1, self.page_size, self.dtype))
+        pools = [pages_shardings(self.cfg, mesh, one, self.layout.rules), one]
+        if self.num_drafts:
+            mtp = jax.eval_shape(lambda: init_mtp_pages(self.cfg, 1, self.page_size,
+                                                        self.dtype))
+            pools += [pages_shardings(self.cfg, mesh, mtp, self.layout.rules), mtp]
+        page = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize
+                   for shardings, arrays in zip(pools[::2], pools[1::2])
+                   for sh, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(arrays)))
+        pages = max(free, 0) // page
+        if jax.process_count() > 1:  # lockstep: every process the same pool
+            from jax.experimental import multihost_utils
+            pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+        if pages < 2:
+            raise ValueError(f'no room for KV pages: {KV_MEMORY_FRACTION:.0%} of a device\'s '
+                             f'memory less the {max(u for _, u in memory):,} bytes in use '
+                             f'leaves {free:,} bytes, and a page takes {page:,} on a device; '
+                             f'give --kv_cache_gb (kv_cache_bytes), or more devices')
+        return int(pages)
 
     def reset(self) -> None:
         """A new pool, decode state and page manager: every sequence and cached page gone."""

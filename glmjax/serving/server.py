@@ -61,8 +61,10 @@ _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'requests waiting for a slot;
                                   'Generate answers RESOURCE_EXHAUSTED')
 _STEPS = flags.DEFINE_integer('decode_steps', 4, 'decode steps per device call')
 _PAGE_SIZE = flags.DEFINE_integer('page_size', 16, 'tokens per KV page')
-_KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, 'GiB of KV pages (default: max_batch '
-                                  'sequences of max_seq_len)')
+_KV_CACHE_GB = flags.DEFINE_float('kv_cache_gb', None, 'GiB of KV pages, whole tokens over all '
+                                  'devices (glmjax-plan prints it for a mesh); default: on GPU '
+                                  'and TPU 90% of each device\'s memory less the weights, on '
+                                  'CPU max_batch sequences of max_seq_len')
 _PREFIX_CACHING = flags.DEFINE_boolean('prefix_caching', True, 'share the KV pages of '
                                        'repeated prompt prefixes')
 _SPECULATIVE = flags.DEFINE_enum('speculative', None, ['mtp'], 'mtp: decode speculatively, '
