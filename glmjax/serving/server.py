@@ -209,6 +209,9 @@ def _lockstep_address() -> tuple[str, int]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    # JAX on a GPU takes 75% of its memory for the process by default; the server is the
+    # device's one user, and its KV pool is sized from what the device says it may use.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
     if not flags.FLAGS['verbosity'].present:
         # Start-up shows a progress bar, not absl's INFO lines (one per restored layer and
         # more): --verbosity=0 brings them back.
