@@ -298,6 +298,7 @@ def test_safety_model_over_grpc(served):
     prompt is INVALID_ARGUMENT with its code, an unsafe answer ends CONTENT_FILTER with
     none of its text or tokens, and a name not served is refused naming it."""
     _, _, stub, _ = served
+    assert stub.GetModelInfo(pb.ModelInfoRequest()).served_names == ['paged']
     moderated(served, 'safe', 'safe')
     plain = generate_rpc(stub)
     assert generate_rpc(stub, safety_model='paged') == plain

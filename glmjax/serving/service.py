@@ -293,6 +293,7 @@ class GlmServicer(pb_grpc.GlmServicer):
             vocab_size=self.s.cfg.vocab_size, max_seq_len=e.max_seq_len, max_batch=e.max_batch,
             max_queue=self.s.orchestrator.max_queue, eos_token_ids=self.s.limits.eos_ids,
             prefill_buckets=getattr(e, 'buckets', ()), decode_steps_per_call=e.steps_per_call,
+            served_names=self.s.served_names,
             **self.s.orchestrator.stats())
 
 
