@@ -104,6 +104,13 @@ def test_glm46_ep_tp_splits_attention_and_kv_over_the_experts_devices():
     for p in (ep, tp):
         pool = p['kv_page_capacity'] * 16 * KV_PER_TOKEN  # what PagedEngine sizes from it
         assert p['kv_cache_gb_flag'] * 2 ** 30 <= pool < (p['kv_cache_gb_flag'] + 0.1) * 2 ** 30
+    # The README's recipe: 32 rows of 32K do not all fit at full length, but 30 at once do.
+    done, _ = glmjax_plan('--mesh', 'expert=8', '--rules', 'ep_tp', '--device_memory_gb', '141',
+                          '--max_batch', '32', '--max_seq_len', '32768')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'with every row at full length: does not fit' in done.stdout
+    assert 'FITS: room for 30 sequences of 32,768 tokens at once in KV pages (of max_batch ' \
+           '32: the others wait' in done.stdout, done.stdout
 
 
 def test_plan_report_and_errors():

@@ -11,7 +11,9 @@ The arithmetic, per device:
   KV cache     max_batch x max_seq_len tokens; a token costs layers x 2 (k, v) x KV heads on
                this device x head_dim x bytes
   temporaries  from the compile (see below)
-  fits         weights + KV cache + temporaries <= device memory
+  fits         weights + temporaries + one sequence of max_seq_len in KV pages <= device
+               memory (the paged engine holds what fits and preempts the rest; that every
+               row at full length fits too, weights + KV cache + temporaries, is reported)
   capacity     (device memory - weights - temporaries) / KV bytes per token on a device,
                times the data axis (each data shard holds different rows)
 
@@ -172,7 +174,8 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         + bytes_per_device(token_shapes(mesh, rules, max_batch)),
         'layers_compiled': counts,
         'used_bytes_per_device': used,
-        'fits': bool(used <= device_memory_bytes),
+        'fits': bool(free >= page_device * -(-max_seq_len // page_size)),
+        'every_row_full_fits': bool(used <= device_memory_bytes),
         'kv_token_capacity': int(max(free, 0) // kv_token_device * data),
         'page_size': page_size,
         'kv_page_bytes_per_device': page_device,
@@ -191,7 +194,16 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
 def report(cfg_name: str, p: dict) -> str:
     g = lambda n: f'{n / GB:9.2f} GB'  # noqa: E731
     L = ', '.join(map(str, p['layers_compiled']))
-    fit = 'FITS' if p['fits'] else 'DOES NOT FIT'
+    full = 'fits' if p['every_row_full_fits'] else 'does not fit'
+    if p['fits']:
+        verdict = (f"FITS: room for {p['sequences_of_max_seq_len']:,} sequences of "
+                   f"{p['max_seq_len']:,} tokens at once in KV pages"
+                   + ('' if p['sequences_of_max_seq_len'] >= p['max_batch'] else
+                      f" (of max_batch {p['max_batch']}: the others wait, or are preempted "
+                      'when sequences grow)'))
+    else:
+        verdict = (f"DOES NOT FIT: the weights and temporaries leave no room for one "
+                   f"sequence of {p['max_seq_len']:,} tokens")
     lines = [
         f"{cfg_name} on mesh {format_mesh(p['mesh'])} ({p['devices']} devices, rules "
         f"{p['rules']}), weights {p['weight_dtype']}, KV cache {p['kv_dtype']}, "
@@ -204,8 +216,9 @@ def report(cfg_name: str, p: dict) -> str:
         f"a device (a token's whole KV: {p['kv_bytes_per_token']} B)",
         f"  temporaries {g(p['temp_bytes_per_device'])}  of the {p['layers_compiled'][0]}"
         '-layer compile (XLA:CPU; an accelerator needs less)',
-        f"  total       {g(p['used_bytes_per_device'])}  of {g(p['device_memory_bytes'])}: "
-        f'{fit}',
+        f"  total       {g(p['used_bytes_per_device'])}  of {g(p['device_memory_bytes'])} "
+        f'with every row at full length: {full}',
+        verdict,
         f"KV capacity: ({g(p['device_memory_bytes']).strip()} - weights - temporaries) / "
         f"{p['kv_bytes_per_token_per_device']} B per token x data {p['mesh'][DATA]} = "
         f"{p['kv_token_capacity']:,} tokens",
