@@ -44,6 +44,7 @@ def main(argv):
 
     from glmjax import GlmConfig
     from glmjax.model import init_params
+    from glmjax.serving import paged_engine
     from glmjax.serving.engine import SlotSettings
     from glmjax.serving.paged_engine import PagedEngine
 
@@ -68,6 +69,9 @@ def main(argv):
     for B in [int(b) for b in _BATCHES.value.split(',')]:
         engine = PagedEngine(cfg, params, max_batch=B, max_seq_len=T + S * (R + 2),
                              steps_per_call=S, max_num_batched_tokens=max(B, 2048))
+        # The pool's default size: from the device's memory where it reports it.
+        print(f'batch {B}: KV pool of {engine.num_pages:,} pages of {engine.page_size} tokens; '
+              f'device memory {paged_engine.device_memory(jax.devices()[:1])}')
         rng = np.random.RandomState(B)
         for slot in range(B):
             prompt = rng.randint(0, cfg.vocab_size, T).tolist()
