@@ -249,7 +249,13 @@ def main(argv):
         if process > 0:
             print(f'glmjax-serve: process {process} follows process 0 at '
                   f'{address[0]}:{address[1]}', flush=True)
-            code = lockstep.follow(engine, process, address, _PEER_TIMEOUT.value)
+            try:
+                code = lockstep.follow(engine, process, address, _PEER_TIMEOUT.value)
+            except lockstep.Diverged as e:  # the engine's traceback is in the log above
+                print(f'glmjax-serve: process {process} cannot follow process 0: {e}; '
+                      'exiting', flush=True)
+                logging.flush()
+                sys.exit(1)
             print(f'glmjax-serve: process {process} stopped', flush=True)
             logging.flush()
             sys.exit(code)
