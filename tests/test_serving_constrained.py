@@ -335,11 +335,12 @@ def test_a_stream_sends_only_what_was_classified_safe(served, monkeypatch):
     whole_rpc = ''.join(r.text for r in generate_rpc(stub, max_tokens=48))
     assert whole_http == whole_rpc and len(whole_http) > 40
     half, seen = len(whole_http) // 2, []
+    limit = {'chars': half}
 
     def verdict(stage, content):
         answer = content.partition('assistant: ')[2]
         seen.append(answer)
-        return 'crime' if stage == 'response' and len(answer) > half else None
+        return 'crime' if stage == 'response' and len(answer) > limit['chars'] else None
 
     async def http_verdict(self, stage, content):
         return verdict(stage, content)
@@ -370,6 +371,17 @@ def test_a_stream_sends_only_what_was_classified_safe(served, monkeypatch):
     assert len(answers) >= 3 and all(whole_http.startswith(a) for a in answers)
     assert len(answers[-1]) > half and sent == answers[-2] and len(sent) <= half
     assert stopped() == 'cancelled'
+    # A cut answer's usage still counts the prompt's cached tokens (known from admission).
+    prompt = 'JSON: ' + 'a b c ' * 20  # several pages, cached by the first run
+    stream_text(url, prompt=prompt, **long)
+    limit['chars'] = 0  # unsafe at the first verdict
+    with httpx.stream('POST', url + '/v1/completions', timeout=TIMEOUT, json={
+            **body, 'prompt': prompt, 'stream_options': {'include_usage': True}}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith('data: {')]
+    assert events[-2]['choices'][0]['finish_reason'] == 'content_filter'
+    assert events[-1]['usage']['prompt_tokens_details']['cached_tokens'] >= 16
+    limit['chars'], submitted[:] = half, []
     seen.clear()
     responses = generate_rpc(stub, safety_model='paged', max_tokens=48)
     sent = ''.join(r.text for r in responses)

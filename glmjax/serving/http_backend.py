@@ -119,8 +119,10 @@ class _Events:
         if self.first and self.req.admitted is not None:
             queued = self.req.admitted - self.req.created
         self.first = False
+        # The prompt's cached share is known from admission: on every event, so that an
+        # answer cut short (safety_model) still reports it.
         return GenEvent(chunk.token_ids, chunk.text, logprobs, chunk.finish_reason, queued,
-                        chunk.cached_tokens if chunk.finish_reason else None)
+                        self.req.cached_tokens)
 
     async def aclose(self):
         self.done = True

@@ -280,7 +280,7 @@ async def _chat_chunks(backend, body, streams, tools, rid, created, n_prompt, re
         finish, any_call = None, False
         async for event in stream:
             total += len(event.token_ids)
-            if event.cached_tokens is not None:  # the last event: the prompt counts once
+            if event.cached_tokens is not None:  # the prompt counts once: the least cached
                 cached = event.cached_tokens if cached is None else min(cached,
                                                                        event.cached_tokens)
             finish = event.finish_reason or finish

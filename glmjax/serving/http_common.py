@@ -32,7 +32,9 @@ class GenEvent:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # 'stop' | 'length' on the last event
     queue_time: float | None = None  # seconds waited for a slot, on the first event
-    cached_tokens: int | None = None  # prompt tokens from the prefix cache, on the last
+    # Prompt tokens from the prefix cache: on the last event at least (the engine's are on
+    # every one), the same on each.
+    cached_tokens: int | None = None
 
 
 class ApiError(Exception):

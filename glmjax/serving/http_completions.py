@@ -61,18 +61,18 @@ async def completions(backend: Backend, metrics: Metrics, body: T.CompletionRequ
 
     if body.stream:
         async def chunks():
-            total = cached = 0
+            total, cached = 0, [0] * len(jobs)
             for index, (p, stream) in enumerate(jobs):
                 if body.echo:
                     yield _text_chunk(rid, created, backend, index, backend.decode(p), None)
                 async for e in stream:
                     total += len(e.token_ids)
-                    cached += e.cached_tokens or 0
+                    cached[index] = e.cached_tokens or cached[index]
                     yield _text_chunk(rid, created, backend, index, e.text, e.finish_reason)
             if body.stream_options and body.stream_options.include_usage:
                 yield {'id': rid, 'object': 'text_completion', 'created': created,
                        'model': backend.model_name, 'choices': [],
-                       'usage': usage(n_prompt, total, cached)}
+                       'usage': usage(n_prompt, total, sum(cached))}
         return sse(chunks(), handles)
 
     cached = [0] * len(jobs)
