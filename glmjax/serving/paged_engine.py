@@ -60,7 +60,6 @@ import collections
 import dataclasses
 import functools
 import itertools
-import math
 from collections.abc import Callable
 
 import jax
@@ -90,7 +89,13 @@ from glmjax.serving.engine import (
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.mesh import make_mesh
-from glmjax.sharding.rules import Rules, get_rules, pages_shardings
+from glmjax.sharding.rules import (
+    Rules,
+    bytes_per_device,
+    get_rules,
+    pages_shardings,
+    with_shardings,
+)
 from glmjax.speculative import SpecRows, draft, speculative_step
 from glmjax.token_mask import bitmask_words
 
@@ -449,15 +454,12 @@ class PagedEngine(Engine):
             return None
         free = min(int(KV_MEMORY_FRACTION * limit) - used for limit, used in memory)
         # One page of every pool (the MTP layer's too), as the rules shard it on a device.
-        one = jax.eval_shape(lambda: init_pages(self.cfg, 1, self.page_size, self.dtype))
-        pools = [pages_shardings(self.cfg, mesh, one, self.layout.rules), one]
-        if self.num_drafts:
-            mtp = jax.eval_shape(lambda: init_mtp_pages(self.cfg, 1, self.page_size,
-                                                        self.dtype))
-            pools += [pages_shardings(self.cfg, mesh, mtp, self.layout.rules), mtp]
-        page = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize
-                   for shardings, arrays in zip(pools[::2], pools[1::2])
-                   for sh, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(arrays)))
+        inits = (init_pages, init_mtp_pages) if self.num_drafts else (init_pages,)
+        page = 0
+        for init in inits:
+            one = jax.eval_shape(functools.partial(init, self.cfg, 1, self.page_size, self.dtype))
+            page += bytes_per_device(with_shardings(
+                one, pages_shardings(self.cfg, mesh, one, self.layout.rules)))
         pages = max(free, 0) // page
         if jax.process_count() > 1:  # lockstep: every process the same pool
             from jax.experimental import multihost_utils

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from glmjax.cache import cache_shapes
+from glmjax.cache import cache_shapes, kv_bytes_per_token
 from glmjax.config import PRESETS as CONFIG_PRESETS
 from glmjax.config import ConfigError, GlmConfig
 from glmjax.inference import decode
@@ -53,6 +53,7 @@ from glmjax.sharding.rules import (
     DEFAULT_RULES,
     PRESETS,
     RulesError,
+    bytes_per_device,
     cache_shardings,
     get_rules,
     pages_shardings,
@@ -78,12 +79,6 @@ def planned_params(cfg: GlmConfig, weight_dtype) -> dict:
 
     return jax.tree.map(one, param_axes(cfg), abstract_params(cfg, jnp.bfloat16),
                         is_leaf=lambda x: isinstance(x, tuple))
-
-
-def bytes_per_device(tree) -> int:
-    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
-               for s in jax.tree.leaves(tree))
 
 
 def truncated(cfg: GlmConfig, num_layers: int, tree: dict) -> tuple[GlmConfig, dict]:
@@ -163,8 +158,7 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         'params': sum(math.prod(s.shape) for s in jax.tree.leaves(params)),
         'device_memory_bytes': int(device_memory_bytes),
         'weights_bytes_per_device': weights,
-        'kv_bytes_per_token': int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads
-                                  * cfg.head_dim * jnp.dtype(kvdtype).itemsize),
+        'kv_bytes_per_token': kv_bytes_per_token(cfg, kvdtype),
         'kv_bytes_per_token_per_device': kv_token_device,
         'kv_cache_bytes_per_device': kv_cache,
         'temp_bytes_per_device': temps,
@@ -185,9 +179,8 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         // -(-max_seq_len // page_size),
         # glmjax-serve's --kv_cache_gb for that pool: the pool's logical size (whole tokens),
         # in GiB, rounded down.
-        'kv_cache_gb_flag': math.floor(int(max(free, 0) // page_device) * page_size * int(
-            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-            * jnp.dtype(kvdtype).itemsize) / 2 ** 30 * 10) / 10,
+        'kv_cache_gb_flag': math.floor(int(max(free, 0) // page_device) * page_size
+                                       * kv_bytes_per_token(cfg, kvdtype) / 2 ** 30 * 10) / 10,
     }
 
 

@@ -13,8 +13,10 @@ What happens when a dimension does not divide over its mesh axis is decided here
 
 import dataclasses
 import logging
+import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glmjax.cache import KV_AXES, LENGTHS_AXES, PAGES_AXES, KVCache
@@ -237,6 +239,12 @@ def pages_shardings(cfg: GlmConfig, mesh: Mesh, pages, rules: Rules | str | None
     for warning in sorted(w for w in warnings if w):
         log.warning(warning)
     return out
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(s.sharding.shard_shape(s.shape)) * jnp.dtype(s.dtype).itemsize
+               for s in jax.tree.leaves(tree))
 
 
 def with_shardings(shapes, shardings):
