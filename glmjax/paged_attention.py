@@ -23,8 +23,10 @@ attend to nothing (output 0).
 Implementations of `ragged_paged_attention`, all computing the same function:
 - `reference`: pure JAX, runs everywhere, the one the others are checked against. Each
   token reads only its own row's pages, one block of pages at a time, with an online softmax
-  (running max and sum) in fp32; tokens go in tiles of Tq, one tile after another, so
-  temporaries are O(Tq x Bk), never [T, S].
+  (running max and sum) in fp32. A prefill chunk goes in tiles of Tq of its tokens that share
+  each block of keys (a matrix product, the keys read once per tile); decode tokens (rows of
+  one token) go Tq at a time, each gathering its own row's block. Tiles run one after
+  another, so temporaries are O(Tq x Bk), never [T, S].
 - `tpu_ragged`: the TPU Pallas kernel `ragged_paged_attention` (mixed prefill and decode).
   It wants K and V interleaved in one pool [P, L, 2K, H]; `combine_kv_pages` makes that
   layout here, a copy of the whole pool per call (an engine on TPU should keep the pool in
@@ -181,51 +183,85 @@ def _pad_pages(page_indices: jax.Array, multiple: int) -> jax.Array:
 
 def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                sm_scale: float, pages_per_block: int, queries_per_block: int) -> jax.Array:
+    """Rows of one token (decodes) go per token: each gathers its own row's keys. Rows of
+    more (prefill chunks) go per row, in tiles of Tq of its tokens that share each block of
+    its keys: a chunk reads its keys once per tile, not once per token, and a tile's scores
+    are a matrix product. Only the live tiles run, so the cost follows the batch."""
     T, N, H = q.shape
-    P = k_pages.shape[1]
+    R, P = kv_lens.shape[0], k_pages.shape[1]
     Tq = min(queries_per_block, T)
-    row, position, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
+    n = num_seqs[0]
+    cu = jnp.where(jnp.arange(R + 1) <= n, cu_q_lens, cu_q_lens[n])  # sorted, as token_positions
+    q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
     # Entries past a row's pages may be anything: clamped, they read some page, masked out.
     table = jnp.clip(_pad_pages(page_indices, pages_per_block), 0, P - 1)  # [R, M']
-    # Tiles of Tq tokens, one after another: each token gathers its own row's keys, so the
-    # gathered block is [K, Tq, Bk, H] whatever T is.
-    pad = -T % Tq
-    tiles = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, Tq, *x.shape[1:])
-             for x in (q, row, position, valid)]
-    tile = functools.partial(_reference_tile, k_pages, v_pages, table, sm_scale=sm_scale,
+    tile = functools.partial(_attend_tile, k_pages, v_pages, table, sm_scale=sm_scale,
                              pages_per_block=pages_per_block)
-    out = jax.lax.map(lambda args: tile(*args), tiles)  # [T / Tq, Tq, N, H]
-    return out.reshape(-1, N, H)[:T]
+
+    # Rows of more than one token: tiles of Tq tokens, row by row, in a loop over the live ones.
+    tiles = jnp.where(q_len > 1, (q_len + Tq - 1) // Tq, 0)
+    first_tile = jnp.concatenate([jnp.zeros(1, tiles.dtype), jnp.cumsum(tiles)])  # [R + 1]
+    padded = jnp.pad(q, ((0, Tq), (0, 0), (0, 0)))  # a tile read from any start fits
+
+    def row_tile(i, out):
+        row = jnp.searchsorted(first_tile[1:], i, side='right').astype(jnp.int32)
+        start = cu[row] + (i - first_tile[row]) * Tq
+        valid = jnp.arange(Tq) < cu[row + 1] - start
+        position = kv_lens[row] - cu[row + 1] + start + jnp.arange(Tq)
+        o = tile(jax.lax.dynamic_slice_in_dim(padded, start, Tq), jnp.full(Tq, row),
+                 position, valid, shared=True)
+        kept = jax.lax.dynamic_slice_in_dim(out, start, Tq)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, jnp.where(valid[:, None, None], o, kept), start, 0)
+
+    out = jax.lax.fori_loop(0, first_tile[R], row_tile, jnp.zeros_like(padded))[:T]
+
+    # Rows of one token: that token each (padding rows point past the end, dropped).
+    single = q_len == 1
+    token = jnp.where(single, cu[:-1], T)  # [R]
+    Td = min(queries_per_block, R)
+    pad = -R % Td
+    per_token = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, Td, *x.shape[1:])
+                 for x in (jnp.take(q, token, axis=0, mode='fill', fill_value=0),
+                           jnp.arange(R, dtype=jnp.int32), kv_lens - 1, single)]
+    o = jax.lax.map(lambda args: tile(*args, shared=False), per_token)
+    return out.at[token].set(o.reshape(-1, N, H)[:R], mode='drop')
 
 
-def _reference_tile(k_pages, v_pages, table, q, row, position, valid, *, sm_scale: float,
-                    pages_per_block: int) -> jax.Array:
-    """One tile of tokens: q [Tq, N, H]; row, position, valid [Tq]."""
+def _attend_tile(k_pages, v_pages, table, q, rows, position, valid, *, shared: bool,
+                 sm_scale: float, pages_per_block: int) -> jax.Array:
+    """One tile of tokens, q [Tq, N, H], rows, position, valid [Tq], over their rows' keys
+    with an online softmax (running max and sum, fp32). `shared`: every token is of
+    rows[0], so each block of keys is gathered once for the tile ([K, Bk, H]); else each
+    token gathers its own row's ([K, Tq, Bk, H])."""
     Tq, N, H = q.shape
     K, _, L, _ = k_pages.shape
     G = N // K
     Bk = pages_per_block * L
     q = q.reshape(Tq, K, G, H)
+    kv = 'KBH' if shared else 'KTBH'
 
     def block(j, carry):
         m, l, acc = carry  # [Tq, K, G], [Tq, K, G], [Tq, K, G, H] fp32
         pages = jax.lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block,
-                                             axis=1)[row]  # [Tq, pages_per_block]
-        k = k_pages[:, pages].reshape(K, Tq, Bk, H)
-        v = v_pages[:, pages].reshape(K, Tq, Bk, H)
+                                             axis=1)
+        pages = pages[rows[0]] if shared else pages[rows]  # [pages_per_block] or [Tq, ...]
+        shape = (K, Bk, H) if shared else (K, Tq, Bk, H)
+        k, v = k_pages[:, pages].reshape(shape), v_pages[:, pages].reshape(shape)
         key_position = j * Bk + jnp.arange(Bk)
         visible = valid[:, None] & (key_position[None, :] <= position[:, None])  # [Tq, Bk]
         # Slots past a row's length hold other data, maybe stale or NaN: zero them, so that
         # a weight of 0 times them stays 0.
-        v = jnp.where(visible[None, :, :, None], v, jnp.zeros((), v.dtype))
-        s = jnp.einsum('TKGH,KTBH->TKGB', q, k, preferred_element_type=jnp.float32)
+        read = visible.any(0) if shared else visible
+        v = jnp.where(read[..., None], v, jnp.zeros((), v.dtype))
+        s = jnp.einsum(f'TKGH,{kv}->TKGB', q, k, preferred_element_type=jnp.float32)
         s = jnp.where(visible[:, None, None, :], s * sm_scale, -jnp.inf)
         m_next = jnp.maximum(m, s.max(-1))
         # A token that has seen no key yet keeps max -inf: shift by 0 there, not by -inf.
         shift = jnp.where(jnp.isfinite(m_next), m_next, 0.0)
         alpha = jnp.exp(m - shift)
         p = jnp.exp(s - shift[..., None])  # [Tq, K, G, Bk]
-        pv = jnp.einsum('TKGB,KTBH->TKGH', p, v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum(f'TKGB,{kv}->TKGH', p, v, preferred_element_type=jnp.float32)
         return m_next, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
     # Only as many blocks as this tile's longest token needs: short rows skip the rest.

@@ -90,17 +90,20 @@ def test_token_positions():
     assert valid.tolist() == [True, True, True, True, False, False]
 
 
-# 4 pages do not divide MAX_PAGES; tiles of 5 tokens cut rows and leave a padded last tile.
-@pytest.mark.parametrize('pages_per_block, queries_per_block', [(1, 64), (4, 5)])
-def test_reference_equals_dense(pages_per_block, queries_per_block):
+# 4 pages do not divide MAX_PAGES; tiles of 5 tokens cut rows and leave a padded last tile;
+# tiles of 2 split every chunk, and the decode tokens go 2 rows at a time.
+# A live row may have no token this step (the second batch's (7, 0)).
+@pytest.mark.parametrize('pages_per_block, queries_per_block', [(1, 64), (4, 5), (2, 2)])
+@pytest.mark.parametrize('rows', [ROWS, [(5, 2), (7, 0), (24, 16), (3, 1)]])
+def test_reference_equals_dense(pages_per_block, queries_per_block, rows):
     """Unowned pages, slots past each row's length and page-table entries past its pages are
     all NaN: a finite, equal result shows that each token read only its own row's keys."""
-    batch, ks, vs = make_batch(np.random.default_rng(0), ROWS)
+    batch, ks, vs = make_batch(np.random.default_rng(0), rows)
     out = np.asarray(attention(batch, pages_per_block=pages_per_block,
                                queries_per_block=queries_per_block))
-    live = sum(ql for _, ql in ROWS)
+    live = sum(ql for _, ql in rows)
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[:live], dense(batch['q'], ks, vs, ROWS)[:live], atol=1e-5)
+    np.testing.assert_allclose(out[:live], dense(batch['q'], ks, vs, rows)[:live], atol=1e-5)
     assert (out[live:] == 0).all()
 
 
