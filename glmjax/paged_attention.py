@@ -24,9 +24,9 @@ Implementations of `ragged_paged_attention`, all computing the same function:
 - `reference`: pure JAX, runs everywhere, the one the others are checked against. Each
   token reads only its own row's pages, one block of pages at a time, with an online softmax
   (running max and sum) in fp32. A prefill chunk goes in tiles of Tq of its tokens that share
-  each block of keys (a matrix product, the keys read once per tile); decode tokens (rows of
-  one token) go Tq at a time, each gathering its own row's block. Tiles run one after
-  another, so temporaries are O(Tq x Bk), never [T, S].
+  each block of keys (a matrix product, the keys read once per tile); the tokens of rows of
+  a few (decodes, verification) go Tq at a time, each gathering its own row's block. Tiles
+  run one after another, so temporaries are O(Tq x Bk), never [T, S].
 - `tpu_ragged`: the TPU Pallas kernel `ragged_paged_attention` (mixed prefill and decode).
   It wants K and V interleaved in one pool [P, L, 2K, H]; `combine_kv_pages` makes that
   layout here, a copy of the whole pool per call (an engine on TPU should keep the pool in
@@ -183,13 +183,18 @@ def _pad_pages(page_indices: jax.Array, multiple: int) -> jax.Array:
 
 def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                sm_scale: float, pages_per_block: int, queries_per_block: int) -> jax.Array:
-    """Rows of one token (decodes) go per token: each gathers its own row's keys. Rows of
-    more (prefill chunks) go per row, in tiles of Tq of its tokens that share each block of
-    its keys: a chunk reads its keys once per tile, not once per token, and a tile's scores
-    are a matrix product. Only the live tiles run, so the cost follows the batch."""
+    """Rows of a few tokens (decodes, speculative verification) go per token: each gathers
+    its own row's keys. Longer rows (prefill chunks) go per row, in tiles of Tq of its
+    tokens that share each block of its keys: a chunk reads its keys once per tile, not once
+    per token, and a tile's scores are a matrix product. Only the live tiles run, so the
+    cost follows the batch."""
     T, N, H = q.shape
     R, P = kv_lens.shape[0], k_pages.shape[1]
     Tq = min(queries_per_block, T)
+    # A row's tile of Tq queries computes Tq / q_len times its work; per token it costs a
+    # gather per token. On CPU, tiles of 64: rows of 2 tokens ran 6x slower per row, rows
+    # of 4 about even; so rows of up to Tq / 8 go per token.
+    few = max(1, Tq // 8)
     n = num_seqs[0]
     cu = jnp.where(jnp.arange(R + 1) <= n, cu_q_lens, cu_q_lens[n])  # sorted, as token_positions
     q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
@@ -198,8 +203,12 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
     tile = functools.partial(_attend_tile, k_pages, v_pages, table, sm_scale=sm_scale,
                              pages_per_block=pages_per_block)
 
-    # Rows of more than one token: tiles of Tq tokens, row by row, in a loop over the live ones.
-    tiles = jnp.where(q_len > 1, (q_len + Tq - 1) // Tq, 0)
+    row, position, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
+    if T <= R:  # a decode step's shape: per token is exact for any batch, and no loop to set up
+        return _per_token(tile, q, row, position, valid, Tq)
+
+    # Longer rows: tiles of Tq tokens, row by row, in a loop over the live ones.
+    tiles = jnp.where(q_len > few, (q_len + Tq - 1) // Tq, 0)
     first_tile = jnp.concatenate([jnp.zeros(1, tiles.dtype), jnp.cumsum(tiles)])  # [R + 1]
     padded = jnp.pad(q, ((0, Tq), (0, 0), (0, 0)))  # a tile read from any start fits
 
@@ -216,16 +225,24 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
 
     out = jax.lax.fori_loop(0, first_tile[R], row_tile, jnp.zeros_like(padded))[:T]
 
-    # Rows of one token: that token each (padding rows point past the end, dropped).
-    single = q_len == 1
-    token = jnp.where(single, cu[:-1], T)  # [R]
-    Td = min(queries_per_block, R)
-    pad = -R % Td
-    per_token = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, Td, *x.shape[1:])
-                 for x in (jnp.take(q, token, axis=0, mode='fill', fill_value=0),
-                           jnp.arange(R, dtype=jnp.int32), kv_lens - 1, single)]
-    o = jax.lax.map(lambda args: tile(*args, shared=False), per_token)
-    return out.at[token].set(o.reshape(-1, N, H)[:R], mode='drop')
+    # Short rows' tokens, packed first (the rest point past the end: dropped).
+    short = valid & (q_len[row] <= few)
+    token = jnp.nonzero(short, size=min(T, R * few), fill_value=T)[0]  # [S]
+    at = token % T
+    o = _per_token(tile, jnp.take(q, token, axis=0, mode='fill', fill_value=0), row[at],
+                   position[at], token < T, Tq)
+    return out.at[token].set(o, mode='drop')
+
+
+def _per_token(tile, q, row, position, valid, Tq: int) -> jax.Array:
+    """Tokens [S] each over its own row's keys, Tq at a time (a tile of padding only skips
+    every block): [S, N, H]."""
+    S = q.shape[0]
+    Td = min(Tq, S)
+    tiles = [jnp.pad(x, [(0, -S % Td)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, Td, *x.shape[1:])
+             for x in (q, row, position, valid)]
+    out = jax.lax.map(lambda args: tile(*args, shared=False), tiles)
+    return out.reshape(-1, *q.shape[1:])[:S]
 
 
 def _attend_tile(k_pages, v_pages, table, q, rows, position, valid, *, shared: bool,

@@ -27,7 +27,7 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def make_batch(rng, rows, garbage=np.nan, filled=None):
+def make_batch(rng, rows, garbage=np.nan, filled=None, num_tokens=NUM_TOKENS):
     """Contiguous K/V per live row ([K, kv_len, H] each) laid into pages taken in shuffled
     order, every other slot of the pool, every page-table entry past a row's pages and every
     padded entry of kv_lens / cu_q_lens set to garbage. `filled[r]` (default kv_len): how
@@ -50,9 +50,9 @@ def make_batch(rng, rows, garbage=np.nan, filled=None):
     n = len(rows)
     lens = rng.integers(0, MAX_PAGES * L, NUM_ROWS).astype(np.int32)
     lens[:n] = kv_lens
-    cu = rng.integers(0, NUM_TOKENS, NUM_ROWS + 1).astype(np.int32)
+    cu = rng.integers(0, num_tokens, NUM_ROWS + 1).astype(np.int32)
     cu[:n + 1] = np.concatenate([[0], np.cumsum(q_lens)])
-    q = rng.standard_normal((NUM_TOKENS, N, H)).astype(np.float32)
+    q = rng.standard_normal((num_tokens, N, H)).astype(np.float32)
     batch = dict(q=q, k_pages=k_pages, v_pages=v_pages, kv_lens=lens, page_indices=table,
                  cu_q_lens=cu, num_seqs=np.array([n], np.int32))
     return batch, ks, vs
@@ -91,8 +91,9 @@ def test_token_positions():
 
 
 # 4 pages do not divide MAX_PAGES; tiles of 5 tokens cut rows and leave a padded last tile;
-# tiles of 2 split every chunk, and the decode tokens go 2 rows at a time.
-# A live row may have no token this step (the second batch's (7, 0)).
+# tiles of 2 split every chunk. With tiles of 64, rows of up to 8 tokens go per token (all of
+# the first batch's), with tiles of 5 or 2 only rows of one. A live row may have no token
+# this step (the second batch's (7, 0)).
 @pytest.mark.parametrize('pages_per_block, queries_per_block', [(1, 64), (4, 5), (2, 2)])
 @pytest.mark.parametrize('rows', [ROWS, [(5, 2), (7, 0), (24, 16), (3, 1)]])
 def test_reference_equals_dense(pages_per_block, queries_per_block, rows):
@@ -105,6 +106,15 @@ def test_reference_equals_dense(pages_per_block, queries_per_block, rows):
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out[:live], dense(batch['q'], ks, vs, rows)[:live], atol=1e-5)
     assert (out[live:] == 0).all()
+
+
+def test_a_step_of_no_more_tokens_than_rows_equals_dense():
+    """8 tokens for 8 rows (a decode step's shape), one row a chunk of 5: all per token."""
+    rows = [(9, 1), (18, 5), (4, 1)]
+    batch, ks, vs = make_batch(np.random.default_rng(5), rows, num_tokens=NUM_ROWS)
+    out = np.asarray(attention(batch))
+    np.testing.assert_allclose(out[:7], dense(batch['q'], ks, vs, rows)[:7], atol=1e-5)
+    assert (out[7:] == 0).all()
 
 
 def test_no_live_rows_gives_zeros():
