@@ -152,7 +152,7 @@ async def main_async():
     await channel.close()
 
     lo, hi = arrival - _MARGIN.value, first + _MARGIN.value
-    window, before, per_stream_max = [], [], []
+    window, before, per_stream_max, when = [], [], [], []
     tokens_per_response = []
     for ts in times:
         gaps = [(b, (b - a) * 1e3) for (a, _), (b, _) in zip(ts, ts[1:])]
@@ -161,6 +161,8 @@ async def main_async():
         window += inside
         before += [g for t, g in gaps if t < lo]
         per_stream_max.append(max(inside) if inside else float('nan'))
+        if inside:  # where the largest gap ends, from the arrival
+            when.append(max((g, t) for t, g in gaps if lo <= t <= hi)[1] - arrival)
     print(f'{_TARGET.value} ({info.model_name}, max_batch {info.max_batch}, '
           f'{info.decode_steps_per_call} decode steps per call): {_STREAMS.value} streams of '
           f'{_STREAM_LEN.value}-token prompts; a {_PROMPT_LEN.value}-token prompt '
@@ -183,6 +185,8 @@ async def main_async():
           f'p99 {p99:.1f} ms, max {max(window):.1f} ms; '
           f'{sum(g > 3 * med for g in window)} gaps > 3x median')
     print('  largest gap per stream, ms: ' + ' '.join(f'{g:.0f}' for g in per_stream_max))
+    print('  ... ending at, ms after the arrival: ' + ' '.join(f'{w * 1e3:.0f}' for w in when) +
+          f' (the first token of the long prompt: {(first - arrival) * 1e3:.0f})')
     print(f'  p99 / median ITL: {p99 / med:.1f}x (goal <= 3x)')
 
 

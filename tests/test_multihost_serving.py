@@ -156,6 +156,10 @@ def test_two_processes_serve_like_one(pair):
     info = wait_for(all_free, 30, 'all slots free')
     assert info.busy_slots == 0 and info.queued == 0
     assert 'process 1 follows process 0' in pair.log(1)
+    # The token budget was measured in lockstep (each step timed on both processes, the
+    # slower kept): the pair agreed, or the steps since would have diverged.
+    assert re.search(r'--max_num_batched_tokens \d+, measured: a decode call of '
+                     rf'{MAX_BATCH} sequences', pair.log(0))
     import httpx
     metrics = httpx.get(pair.http + '/metrics', timeout=TIMEOUT).text
     drafts = re.search(r'^glmjax:spec_decode_num_draft_tokens (\S+)$', metrics, re.M)

@@ -20,7 +20,7 @@ from glmjax.model import init_params
 from glmjax.paged_inference import init_pages, paged_forward
 from glmjax.sampling import sample
 from glmjax.serving.engine import SlotSettings
-from glmjax.serving.paged_engine import PagedEngine
+from glmjax.serving.paged_engine import PagedEngine, choose_budget
 
 PAGE, CHUNK, MAX_SEQ, PAGES = 8, 12, 64, 48  # chunks of 12 are not aligned to pages of 8
 
@@ -283,6 +283,50 @@ def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
     pool = eng.manager.pool
     assert pool.num_free == pool.allocatable and pool.num_cached == 0
     assert eng._in_use == [False] * 4
+
+
+def test_choose_budget_takes_the_largest_step_no_dearer_than_a_decode_call():
+    timed = []
+
+    def cost(T):
+        timed.append(T)
+        return T / 64
+
+    assert choose_budget(1.0, cost, (16, 32, 64, 128, 256)) == 64
+    assert timed == [16, 32, 64, 128]  # the first dearer step ends the search
+    assert choose_budget(0.1, lambda T: 1.0, (16, 32)) == 16  # the first, whatever it costs
+    assert choose_budget(9.0, lambda T: 1.0, (16, 32)) == 32
+
+
+def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
+    """Made without a budget, the engine times a decode call of its 4 rows and mixed steps
+    of 16, 32, 64 tokens (each run for real, on the scratch page; costs faked here: 1 s and
+    T / 32 s), stops at 64, the first dearer than the decode call, and takes 32; then it
+    computes prompts in steps of up to 32 tokens with the same tokens as `generate`, and
+    warm-up left nothing in the pool or the decode state."""
+    cfg, params = model
+    timed = []
+
+    def seconds(self, kind, tokens, run):
+        out = jax.block_until_ready(run())
+        timed.append((kind, tokens, out is not None))
+        return 1.0 if kind == 'decode' else tokens / 32
+
+    monkeypatch.setattr(PagedEngine, '_seconds', seconds)
+    eng = engine(model, max_num_batched_tokens=None)
+    assert eng.max_num_batched_tokens == 16 and eng.token_buckets == (16,)  # until measured
+    calls = []
+    eng.warmup(lambda done, total: calls.append((done, total)))
+    assert timed == [('decode', 4, True), ('mixed', 16, True), ('mixed', 32, True),
+                     ('mixed', 64, True)]
+    assert eng.max_num_batched_tokens == 32 and eng.token_buckets == (16, 32)
+    assert eng.budget_timings == {'decode': 1.0, 'mixed 16': 0.5, 'mixed 32': 1.0,
+                                  'mixed 64': 2.0}
+    # 5 sizes (16 .. 256: a timing step holds 4 rows of 64) and 3 row buckets.
+    assert calls[-1] == (8, 8) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+    ps = prompts([40, 7, 33, 16], seed=3)
+    assert run(eng, ps, greedy(4, 10)) == generate(cfg, params, ps, 10, stop_ids=())
 
 
 def test_embed_is_the_normalised_mean_of_the_hidden_states(model):

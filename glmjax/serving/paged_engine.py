@@ -60,6 +60,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import time
 from collections.abc import Callable
 
 import jax
@@ -104,6 +105,11 @@ MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from 
 # this share of each device's memory, less what is in use (the weights); the rest is for the
 # steps' temporaries (vLLM's gpu_memory_utilization, whose default this is).
 KV_MEMORY_FRACTION = 0.9
+# max_num_batched_tokens=None: the budget is measured at warm-up, among the token buckets
+# from max_batch up to this; each step timed this many times after a first run, the fastest
+# kept (what else runs on the host only adds time).
+MAX_MEASURED_BUDGET = 8192
+BUDGET_TIMINGS = 5
 
 
 def device_memory(devices) -> list[tuple[int, int]] | None:
@@ -348,6 +354,21 @@ def _smallest(sizes: tuple[int, ...], n: int) -> int:
     return next(b for b in sizes if n <= b)
 
 
+def choose_budget(decode_s: float, mixed_s: Callable[[int], float],
+                  sizes: tuple[int, ...]) -> int:
+    """The token budget: the largest of `sizes` (ascending) whose mixed step costs at most a
+    decode call (`decode_s`), so that a running stream's gap while a prompt is computed stays
+    about its gap without one (Sarathi-Serve's budget, from the step time one pays). A
+    step's cost grows with its tokens: the sizes are timed in order (`mixed_s(T)`, seconds)
+    up to the first that costs more. The first size at least."""
+    budget = sizes[0]
+    for T in sizes:
+        if mixed_s(T) > decode_s:
+            break
+        budget = T
+    return budget
+
+
 class PagedEngine(Engine):
     """The engine over a paged KV cache with prefix caching and preemption.
 
@@ -357,7 +378,9 @@ class PagedEngine(Engine):
     as fit in KV_MEMORY_FRACTION of each device's memory less what is in use (the weights),
     else enough for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
-    max_batch. `attn_impl`: a paged_attention implementation, chosen per backend when None.
+    max_batch; None: measured by `warmup` (`choose_budget` on the token buckets from
+    max_batch up to MAX_MEASURED_BUDGET; until then the smallest). `attn_impl`: a
+    paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
     must have its MTP layer); its pages come out of the same pool budget.
     speculative_max_batch: a decode call with more running sequences than this is plain
@@ -367,7 +390,7 @@ class PagedEngine(Engine):
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
                  steps_per_call: int = 4, *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, max_num_batched_tokens: int = 512,
+                 kv_cache_bytes: int | None = None, max_num_batched_tokens: int | None = 512,
                  prefix_caching: bool = True, attn_impl: str | None = None,
                  speculative_tokens: int = 0, speculative_max_batch: int | None = None,
                  mesh: Mesh | None = None, rules: Rules | str | None = None):
@@ -384,6 +407,9 @@ class PagedEngine(Engine):
             raise ValueError('speculative decoding drafts with the MTP layer, and this '
                              'checkpoint has none (its config.json says '
                              f'num_nextn_predict_layers={cfg.num_nextn_predict_layers})')
+        self.measures_budget = max_num_batched_tokens is None
+        if self.measures_budget:
+            max_num_batched_tokens = self._budget_sizes(max_batch, max_seq_len)[0]
         if max_num_batched_tokens < max_batch:
             raise ValueError(f'max_num_batched_tokens must be at least max_batch={max_batch} '
                              f'(a step holds one token of every running sequence), got '
@@ -423,9 +449,19 @@ class PagedEngine(Engine):
         self.spec_accepted_per_pos = np.zeros(speculative_tokens, np.int64)
         self.last_rows = 0  # the row bucket of the last device call (tests, metrics)
         self.last_tokens = 0  # the token bucket of the last mixed step
+        # What warmup measured for the budget: a decode call's and each mixed step's seconds.
+        self.budget_timings: dict[str, float] = {}
         self._seq_ids = itertools.count()
         self._all_allowed: dict[int, jax.Array] = {}
         self.reset()
+
+    @staticmethod
+    def _budget_sizes(max_batch: int, max_seq_len: int) -> tuple[int, ...]:
+        """The budgets warmup may choose: token buckets that hold a token of every row, and
+        that a timing step can fill with rows of at most max_seq_len tokens."""
+        sizes = tuple(b for b in token_buckets(MAX_MEASURED_BUDGET)
+                      if max_batch <= b <= max_batch * max_seq_len)
+        return sizes or (max_batch,)
 
     def _pool_size(self, num_pages: int | None, kv_cache_bytes: int | None) -> int:
         if num_pages is not None and kv_cache_bytes is not None:
@@ -818,18 +854,25 @@ class PagedEngine(Engine):
 
     def warmup(self, progress=None) -> None:
         """Compiles every mixed step (token buckets) and decode call (row buckets) on empty
-        batches, then resets; `progress(done, total)` after each."""
-        total = len(self.token_buckets) + len(self.row_buckets)
-        none, B = np.array([0], np.int32), self.max_batch
-        # Every row is padding: the shapes are compiled and nothing is written.
-        for i, T in enumerate(self.token_buckets):
-            jax.block_until_ready(self._run_mixed((
-                np.zeros(T, np.int32), np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
-                np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool),
-                np.full(B, -1, np.int32), none, self.manager.page_table_array([], B)), None))
+        batches, measures the token budget if the engine was made without one
+        (`_measure_budget`), then resets; `progress(done, total)` after each."""
+        sizes = self._budget_sizes(self.max_batch, self.max_seq_len) \
+            if self.measures_budget else self.token_buckets
+        total = len(token_buckets(sizes[-1])) + len(self.row_buckets)
+        done = 0
+
+        def tick():
+            nonlocal done
+            done += 1
             if progress is not None:
-                progress(i + 1, total)
-        for i, (before, rows) in enumerate(zip((0, *self.row_buckets), self.row_buckets)):
+                progress(done, total)
+
+        # Every row is padding: the shapes are compiled and nothing is written.
+        for T in self.token_buckets:
+            jax.block_until_ready(self._run_mixed(self._empty_mixed(T), None))
+            tick()
+        none, B = np.array([0], np.int32), self.max_batch
+        for before, rows in zip((0, *self.row_buckets), self.row_buckets):
             host = (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))
             # The calls of before + 1 .. rows sequences: speculative, plain, or (a bucket
             # across speculative_max_batch) both.
@@ -837,6 +880,65 @@ class PagedEngine(Engine):
                 not self._speculates(rows))
             for speculate in kinds:
                 jax.block_until_ready(self._run_decode(host, speculate))
+            tick()
+        if self.measures_budget:
+            self._measure_budget(sizes, tick)
             if progress is not None:
-                progress(len(self.token_buckets) + i + 1, total)
+                progress(total, total)  # the sizes past the budget were not needed
         self.reset()
+
+    def _empty_mixed(self, T: int) -> tuple:
+        """A mixed step's host arrays with every row padding."""
+        B = self.max_batch
+        return (np.zeros(T, np.int32), np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
+                np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool),
+                np.full(B, -1, np.int32), np.array([0], np.int32),
+                self.manager.page_table_array([], B))
+
+    def _measure_budget(self, sizes: tuple[int, ...], tick: Callable[[], None]) -> None:
+        """Sets max_num_batched_tokens by `choose_budget`: a decode call of every row against
+        mixed steps of T prompt tokens (compiled here as they are reached). The steps are
+        real work on made-up tokens whose every page is the scratch page 0 (the state and
+        pool are reset after), so they cost what a step of that size costs: every row and
+        token computed, the tokens spread over the experts."""
+        B, M = self.max_batch, self.max_pages_per_seq
+        ids = np.random.default_rng(0).integers(0, self.vocab_size, (sizes[-1],), np.int32)
+        self.state = self.state.replace(tokens=self.layout.put(ids[:B]))
+        decode = (np.arange(B, dtype=np.int32), np.array([B], np.int32),
+                  np.zeros((B, M), np.int32))
+        timings = {'decode': self._seconds('decode', B, lambda: self._run_decode(
+            decode, self._speculates(B)))}
+
+        def mixed(T: int) -> float:
+            host = list(self._empty_mixed(T))
+            q_lens = [min(self.max_seq_len, T - at) for at in range(0, T, self.max_seq_len)]
+            host[0] = ids[:T]
+            host[1][:len(q_lens)] = np.arange(len(q_lens))
+            host[2][1:] = np.cumsum(q_lens + [0] * (B - len(q_lens)))
+            host[7] = np.array([len(q_lens)], np.int32)
+            host[8] = np.zeros((B, M), np.int32)
+            timings[f'mixed {T}'] = self._seconds(
+                'mixed', T, lambda: self._run_mixed(tuple(host), None))
+            if T not in self.token_buckets:
+                tick()
+            return timings[f'mixed {T}']
+
+        budget = choose_budget(timings['decode'], mixed, sizes)
+        self.max_num_batched_tokens, self.token_buckets = budget, token_buckets(budget)
+        self.budget_timings = timings
+
+    def _seconds(self, kind: str, tokens: int, run: Callable[[], object]) -> float:
+        """The fastest of BUDGET_TIMINGS runs of a step (`kind` 'decode' or 'mixed',
+        of `tokens` rows or tokens) after a first one that compiles it; the largest over
+        processes, so that every process chooses the same budget."""
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(BUDGET_TIMINGS):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+        seconds = min(times)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            seconds = float(np.max(multihost_utils.process_allgather(np.float64(seconds))))
+        return seconds

@@ -96,10 +96,12 @@ _MESH = flags.DEFINE_string('mesh', None, 'device mesh over all devices of all p
                             'device (required with several processes)')
 _RULES = flags.DEFINE_enum('rules', 'decode_ep', list(PRESETS), 'how weights and the KV '
                            'cache are laid out over the mesh (sharding/rules.py)')
-_BATCHED_TOKENS = flags.DEFINE_integer('max_num_batched_tokens', 512, 'tokens per step, one '
-                                       'per decoding sequence plus prompt chunks '
-                                       '(a long prompt is computed across steps while the '
-                                       'others decode); at least --max_batch')
+_BATCHED_TOKENS = flags.DEFINE_integer('max_num_batched_tokens', None, 'tokens per step, one '
+                                       'per decoding sequence plus prompt chunks (a long '
+                                       'prompt is computed across steps while the others '
+                                       'decode); at least --max_batch. Default: measured at '
+                                       'start-up, the largest power of two whose step costs '
+                                       'no more than a decode call of --max_batch sequences')
 _LOCKSTEP_PORT = flags.DEFINE_integer('lockstep_port', None, 'several processes: the port on '
                                       'process 0 that the others connect to (default: the '
                                       'coordinator port + 1)')
@@ -188,6 +190,16 @@ def _mesh(processes: int) -> jax.sharding.Mesh | None:
         raise app.UsageError(f'--mesh: {e}') from None
 
 
+def budget_line(engine: PagedEngine) -> str:
+    """What warm-up measured for the token budget, in a line."""
+    mixed = [(k.split()[1], f'{v * 1e3:.1f}') for k, v in engine.budget_timings.items()
+             if k != 'decode']
+    return (f'--max_num_batched_tokens {engine.max_num_batched_tokens}, measured: a decode '
+            f'call of {engine.max_batch} sequences {engine.budget_timings["decode"] * 1e3:.1f} '
+            f'ms; steps of {" / ".join(t for t, _ in mixed)} tokens '
+            f'{" / ".join(ms for _, ms in mixed)} ms')
+
+
 def make_engine(cfg: GlmConfig, params: dict, mesh) -> PagedEngine:
     gb = _KV_CACHE_GB.value
     return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
@@ -240,7 +252,7 @@ def main(argv):
         raise app.UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but the model '
                              f'only {cfg.vocab_size}')
     try:
-        engine = make_engine(cfg, params, mesh)
+        engine = paged = make_engine(cfg, params, mesh)
     except (ValueError, RulesError) as e:
         raise app.UsageError(str(e)) from None
     leader = None
@@ -285,6 +297,8 @@ def main(argv):
             leader.start(on_failure=fail)
         if not stop.is_set():
             server.warmup(Progress('compiling', 1))
+            if paged.measures_budget:
+                print(f'glmjax-serve: {budget_line(paged)}', flush=True)
             print(f'glmjax-serve: serving {name} on port {server.port}', flush=True)
     except EngineLost as e:
         fail(str(e))
