@@ -25,8 +25,9 @@ Implementations of `ragged_paged_attention`, all computing the same function:
   token reads only its own row's pages, one block of pages at a time, with an online softmax
   (running max and sum) in fp32. A prefill chunk goes in tiles of Tq of its tokens that share
   each block of keys (a matrix product, the keys read once per tile); the tokens of rows of
-  a few (decodes, verification) go TOKEN_TILE at a time, longest first, each gathering its
-  own row's block. Tiles run one after another, so temporaries are O(Tq x Bk), never [T, S].
+  a few (decodes, verification) go longest first in tiles of 1, 1, 2, 4, ... Tq tokens,
+  each gathering its own row's block. Tiles run one after another, so temporaries are
+  O(Tq x Bk), never [T, S].
 - `tpu_ragged`: the TPU Pallas kernel `ragged_paged_attention` (mixed prefill and decode).
   It wants K and V interleaved in one pool [P, L, 2K, H]; `combine_kv_pages` makes that
   layout here, a copy of the whole pool per call (an engine on TPU should keep the pool in
@@ -42,6 +43,7 @@ On a mesh (`jax.set_mesh`) each kernel runs per device, over the kv heads the de
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +61,6 @@ IMPLS = ('reference', 'tpu_ragged', 'tpu_paged', 'gpu_paged')
 # tokens per tile (the tiles run one after another).
 BLOCK_KEYS = 128
 QUERY_TILE = 64
-TOKEN_TILE = 4  # tokens per tile of the reference's per-token part
 
 
 def pages_shape(cfg: GlmConfig, num_pages: int, page_size: int,
@@ -236,17 +237,28 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
 
 
 def _per_token(tile, q, row, position, valid, Tq: int) -> jax.Array:
-    """Tokens [S] each over its own row's keys, Td at a time: [S, N, H]. A tile reads as many
-    blocks as its longest token needs, so the tokens go longest first: one long sequence
-    among short ones costs its own tile, not every token's (a tile of padding skips every
-    block)."""
+    """Tokens [S] each over its own row's keys: [S, N, H]. A tile reads as many blocks as
+    its longest token needs, for all of its tokens, so they go longest first in tiles of 1,
+    1, 2, 4, ... then Tq: a long sequence among short ones is read for itself alone, and a
+    batch of equal lengths still takes few tiles (a tile of padding skips every block)."""
     S = q.shape[0]
-    Td = min(Tq, S, TOKEN_TILE)
+    Td = min(Tq, S)
     order = jnp.argsort(jnp.where(valid, -position, 1))  # longest first, padding last
-    tiles = [jnp.pad(x[order], [(0, -S % Td)] + [(0, 0)] * (x.ndim - 1)).reshape(
-        -1, Td, *x.shape[1:]) for x in (q, row, position, valid)]
-    out = jax.lax.map(lambda args: tile(*args, shared=False), tiles)
-    return jnp.zeros_like(q).at[order].set(out.reshape(-1, *q.shape[1:])[:S])
+    xs = [x[order] for x in (q, row, position, valid)]
+    outs, at = [], 0
+    for size in itertools.chain([1], (1 << i for i in itertools.count())):
+        if at >= S or size >= Td:
+            break
+        size = min(size, S - at)
+        outs.append(tile(*(x[at:at + size] for x in xs), shared=False))
+        at += size
+    if at < S:  # the rest in tiles of Td, one after another
+        rest = [jnp.pad(x[at:], [(0, -(S - at) % Td)] + [(0, 0)] * (x.ndim - 1)).reshape(
+            -1, Td, *x.shape[1:]) for x in xs]
+        outs.append(jax.lax.map(lambda args: tile(*args, shared=False), rest).reshape(
+            -1, *q.shape[1:]))
+    out = jnp.concatenate(outs)[:S]
+    return jnp.zeros_like(q).at[order].set(out)
 
 
 def _attend_tile(k_pages, v_pages, table, q, rows, position, valid, *, shared: bool,
