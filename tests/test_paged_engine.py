@@ -293,14 +293,14 @@ def test_choose_budget_takes_the_largest_step_no_dearer_than_a_decode_call():
         return T / 64
 
     assert choose_budget(1.0, cost, (16, 32, 64, 128, 256)) == 64
-    assert timed == [16, 32, 64, 128]  # the first dearer step ends the search
+    assert timed == [32, 64, 128]  # the first is taken untimed; a dearer step ends the search
     assert choose_budget(0.1, lambda T: 1.0, (16, 32)) == 16  # the first, whatever it costs
     assert choose_budget(9.0, lambda T: 1.0, (16, 32)) == 32
 
 
 def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     """Made without a budget, the engine times a decode call of its 4 rows and mixed steps
-    of 16, 32, 64 tokens (each run for real, on the scratch page; costs faked here: 1 s and
+    of 32 and 64 tokens (each run for real, on the scratch page; costs faked here: 1 s and
     T / 32 s), stops at 64, the first dearer than the decode call, and takes 32; then it
     computes prompts in steps of up to 32 tokens with the same tokens as `generate`, and
     warm-up left nothing in the pool or the decode state."""
@@ -317,13 +317,11 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     assert eng.max_num_batched_tokens == 16 and eng.token_buckets == (16,)  # until measured
     calls = []
     eng.warmup(lambda done, total: calls.append((done, total)))
-    assert timed == [('decode', 4, True), ('mixed', 16, True), ('mixed', 32, True),
-                     ('mixed', 64, True)]
+    assert timed == [('decode', 4, True), ('mixed', 32, True), ('mixed', 64, True)]
     assert eng.max_num_batched_tokens == 32 and eng.token_buckets == (16, 32)
-    assert eng.budget_timings == {'decode': 1.0, 'mixed 16': 0.5, 'mixed 32': 1.0,
-                                  'mixed 64': 2.0}
-    # 5 sizes (16 .. 256: a timing step holds 4 rows of 64) and 3 row buckets.
-    assert calls[-1] == (8, 8) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert eng.budget_timings == {'decode': 1.0, 'mixed 32': 1.0, 'mixed 64': 2.0}
+    # 3 sizes (16 .. 64: up to one whole prompt) and 3 row buckets.
+    assert calls[-1] == (6, 6) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     ps = prompts([40, 7, 33, 16], seed=3)
     assert run(eng, ps, greedy(4, 10)) == generate(cfg, params, ps, 10, stop_ids=())

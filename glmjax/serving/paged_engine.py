@@ -109,7 +109,7 @@ KV_MEMORY_FRACTION = 0.9
 # from max_batch up to this; each step timed this many times after a first run, the fastest
 # kept (what else runs on the host only adds time).
 MAX_MEASURED_BUDGET = 8192
-BUDGET_TIMINGS = 5
+BUDGET_TIMINGS = 3
 
 
 def device_memory(devices) -> list[tuple[int, int]] | None:
@@ -359,10 +359,10 @@ def choose_budget(decode_s: float, mixed_s: Callable[[int], float],
     """The token budget: the largest of `sizes` (ascending) whose mixed step costs at most a
     decode call (`decode_s`), so that a running stream's gap while a prompt is computed stays
     about its gap without one (Sarathi-Serve's budget, from the step time one pays). A
-    step's cost grows with its tokens: the sizes are timed in order (`mixed_s(T)`, seconds)
-    up to the first that costs more. The first size at least."""
+    step's cost grows with its tokens: the sizes after the first are timed in order
+    (`mixed_s(T)`, seconds) up to the first that costs more. The first size at least."""
     budget = sizes[0]
-    for T in sizes:
+    for T in sizes[1:]:
         if mixed_s(T) > decode_s:
             break
         budget = T
@@ -457,10 +457,10 @@ class PagedEngine(Engine):
 
     @staticmethod
     def _budget_sizes(max_batch: int, max_seq_len: int) -> tuple[int, ...]:
-        """The budgets warmup may choose: token buckets that hold a token of every row, and
-        that a timing step can fill with rows of at most max_seq_len tokens."""
+        """The budgets warmup may choose: token buckets that hold a token of every row, up to
+        one whole prompt (more only helps when several prompts are computed at once)."""
         sizes = tuple(b for b in token_buckets(MAX_MEASURED_BUDGET)
-                      if max_batch <= b <= max_batch * max_seq_len)
+                      if max_batch <= b <= max_seq_len)
         return sizes or (max_batch,)
 
     def _pool_size(self, num_pages: int | None, kv_cache_bytes: int | None) -> int:
@@ -897,10 +897,10 @@ class PagedEngine(Engine):
 
     def _measure_budget(self, sizes: tuple[int, ...], tick: Callable[[], None]) -> None:
         """Sets max_num_batched_tokens by `choose_budget`: a decode call of every row against
-        mixed steps of T prompt tokens (compiled here as they are reached). The steps are
-        real work on made-up tokens whose every page is the scratch page 0 (the state and
-        pool are reset after), so they cost what a step of that size costs: every row and
-        token computed, the tokens spread over the experts."""
+        mixed steps of one T-token prompt chunk (compiled here as they are reached). The
+        steps are real work on made-up tokens whose every page is the scratch page 0 (the
+        state and pool are reset after), so they cost what a step of that size costs: every
+        row and token computed, the tokens spread over the experts."""
         B, M = self.max_batch, self.max_pages_per_seq
         ids = np.random.default_rng(0).integers(0, self.vocab_size, (sizes[-1],), np.int32)
         self.state = self.state.replace(tokens=self.layout.put(ids[:B]))
@@ -911,12 +911,8 @@ class PagedEngine(Engine):
 
         def mixed(T: int) -> float:
             host = list(self._empty_mixed(T))
-            q_lens = [min(self.max_seq_len, T - at) for at in range(0, T, self.max_seq_len)]
-            host[0] = ids[:T]
-            host[1][:len(q_lens)] = np.arange(len(q_lens))
-            host[2][1:] = np.cumsum(q_lens + [0] * (B - len(q_lens)))
-            host[7] = np.array([len(q_lens)], np.int32)
-            host[8] = np.zeros((B, M), np.int32)
+            host[0], host[1][0], host[2][1:] = ids[:T], 0, T  # slot 0: T tokens from 0
+            host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
             timings[f'mixed {T}'] = self._seconds(
                 'mixed', T, lambda: self._run_mixed(tuple(host), None))
             if T not in self.token_buckets:
