@@ -242,6 +242,8 @@ def _per_token(tile, q, row, position, valid, Tq: int) -> jax.Array:
     1, 2, 4, ... then Tq: a long sequence among short ones is read for itself alone, and a
     batch of equal lengths still takes few tiles (a tile of padding skips every block)."""
     S = q.shape[0]
+    if S == 1:  # one sequence decoding: nothing to order
+        return tile(q, row, position, valid, shared=False)
     Td = min(Tq, S)
     order = jnp.argsort(jnp.where(valid, -position, 1))  # longest first, padding last
     xs = [x[order] for x in (q, row, position, valid)]
