@@ -379,7 +379,7 @@ class PagedEngine(Engine):
     else enough for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch; None: measured by `warmup` (`choose_budget` on the token buckets from
-    max_batch up to MAX_MEASURED_BUDGET; until then the smallest). `attn_impl`: a
+    max_batch up to max_seq_len and MAX_MEASURED_BUDGET; until then the smallest). `attn_impl`: a
     paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
     must have its MTP layer); its pages come out of the same pool budget.

@@ -192,12 +192,13 @@ def _mesh(processes: int) -> jax.sharding.Mesh | None:
 
 def budget_line(engine: PagedEngine) -> str:
     """What warm-up measured for the token budget, in a line."""
-    mixed = [(k.split()[1], f'{v * 1e3:.1f}') for k, v in engine.budget_timings.items()
-             if k != 'decode']
-    return (f'--max_num_batched_tokens {engine.max_num_batched_tokens}, measured: a decode '
-            f'call of {engine.max_batch} sequences {engine.budget_timings["decode"] * 1e3:.1f} '
-            f'ms; steps of {" / ".join(t for t, _ in mixed)} tokens '
-            f'{" / ".join(ms for _, ms in mixed)} ms')
+    timings = dict(engine.budget_timings)
+    line = (f'--max_num_batched_tokens {engine.max_num_batched_tokens}, measured: a decode '
+            f'call of {engine.max_batch} sequences {timings.pop("decode") * 1e3:.1f} ms')
+    if not timings:  # max_seq_len left one size
+        return line + '; the only size that holds a token of every sequence'
+    return (line + f'; steps of {" / ".join(k.split()[1] for k in timings)} tokens '
+            f'{" / ".join(f"{v * 1e3:.1f}" for v in timings.values())} ms')
 
 
 def make_engine(cfg: GlmConfig, params: dict, mesh) -> PagedEngine:
