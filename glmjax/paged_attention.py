@@ -197,18 +197,17 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
     # gather per token. On CPU, tiles of 64: rows of 2 tokens ran 6x slower per row, rows
     # of 4 about even; so rows of up to Tq / 8 go per token.
     few = max(1, Tq // 8)
-    n = num_seqs[0]
-    cu = jnp.where(jnp.arange(R + 1) <= n, cu_q_lens, cu_q_lens[n])  # sorted, as token_positions
-    q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
     # Entries past a row's pages may be anything: clamped, they read some page, masked out.
     table = jnp.clip(_pad_pages(page_indices, pages_per_block), 0, P - 1)  # [R, M']
     tile = functools.partial(_attend_tile, k_pages, v_pages, table, sm_scale=sm_scale,
                              pages_per_block=pages_per_block)
-
     row, position, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
     if T <= R:  # a decode step's shape: per token is exact for any batch, and no loop to set up
         return _per_token(tile, q, row, position, valid, Tq)
 
+    n = num_seqs[0]
+    cu = jnp.where(jnp.arange(R + 1) <= n, cu_q_lens, cu_q_lens[n])  # sorted, as token_positions
+    q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
     # Longer rows: tiles of Tq tokens, row by row, in a loop over the live ones.
     tiles = jnp.where(q_len > few, (q_len + Tq - 1) // Tq, 0)
     first_tile = jnp.concatenate([jnp.zeros(1, tiles.dtype), jnp.cumsum(tiles)])  # [R + 1]
