@@ -24,10 +24,10 @@ Implementations of `ragged_paged_attention`, all computing the same function:
 - `reference`: pure JAX, runs everywhere, the one the others are checked against. Each
   token reads only its own row's pages, one block of pages at a time, with an online softmax
   (running max and sum) in fp32. A prefill chunk goes in tiles of Tq of its tokens that share
-  each block of keys (a matrix product, the keys read once per tile); the tokens of rows of
-  a few (decodes, verification) go longest first in tiles of 1, 1, 2, 4, ... Tq tokens,
-  each gathering its own row's block. Tiles run one after another, so temporaries are
-  O(Tq x Bk), never [T, S].
+  each block of keys (a matrix product, the keys read once per tile); rows of a few tokens
+  (decodes, verification) go in items of a row's next `tokens_per_row` tokens, longest
+  first in tiles of 1, 1, 2, 4, ... items, each item gathering its own row's block once.
+  Tiles run one after another, so temporaries are O(Tq x Bk), never [T, S].
 - `tpu_ragged`: the TPU Pallas kernel `ragged_paged_attention` (mixed prefill and decode).
   It wants K and V interleaved in one pool [P, L, 2K, H]; `combine_kv_pages` makes that
   layout here, a copy of the whole pool per call (an engine on TPU should keep the pool in
@@ -125,7 +125,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            kv_lens: jax.Array, page_indices: jax.Array, cu_q_lens: jax.Array,
                            num_seqs: jax.Array, *, sm_scale: float, impl: str | None = None,
                            pages_per_block: int | None = None,
-                           queries_per_block: int | None = None,
+                           queries_per_block: int | None = None, tokens_per_row: int = 1,
                            interpret: bool = False, heads_axis: str | None = None) -> jax.Array:
     """Causal GQA of a ragged batch over its rows' pages.
 
@@ -136,9 +136,12 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     `impl` (static) is one of IMPLS, `choose_impl` when None. `pages_per_block`: pages per
     key block (the reference's online-softmax block, the kernels' compute block);
     `queries_per_block`: tokens per tile of the reference, the TPU ragged kernel's query
-    block. `interpret` runs a kernel in Pallas interpret mode (on CPU, for tests).
-    `heads_axis`: the mesh axis the pools' kv heads are split over (None: not split); a
-    kernel runs per device over it (the reference is partitioned by the compiler).
+    block. `tokens_per_row`: the reference's item width for rows of a few tokens, the
+    tokens such a row is expected to have (a verification step's k + 1; 1: per token); any
+    value is exact, rows of other lengths take more or padded items. `interpret` runs a
+    kernel in Pallas interpret mode (on CPU, for tests). `heads_axis`: the mesh axis the
+    pools' kv heads are split over (None: not split); a kernel runs per device over it (the
+    reference is partitioned by the compiler).
     """
     impl = impl or choose_impl(q.shape[0], kv_lens.shape[0])
     if pages_per_block is None:
@@ -146,7 +149,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if impl == 'reference':
         return _reference(*args, sm_scale=sm_scale, pages_per_block=pages_per_block,
-                          queries_per_block=queries_per_block or QUERY_TILE)
+                          queries_per_block=queries_per_block or QUERY_TILE,
+                          tokens_per_row=tokens_per_row)
     if impl == 'tpu_ragged':
         return _over_heads(functools.partial(
             _tpu_ragged, sm_scale=sm_scale, pages_per_block=pages_per_block,
@@ -184,126 +188,136 @@ def _pad_pages(page_indices: jax.Array, multiple: int) -> jax.Array:
 
 
 def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-               sm_scale: float, pages_per_block: int, queries_per_block: int) -> jax.Array:
-    """Rows of a few tokens (decodes, speculative verification) go per token: each gathers
-    its own row's keys. Longer rows (prefill chunks) go per row, in tiles of Tq of its
-    tokens that share each block of its keys: a chunk reads its keys once per tile, not once
-    per token, and a tile's scores are a matrix product. Only the live tiles run, so the
-    cost follows the batch."""
+               sm_scale: float, pages_per_block: int, queries_per_block: int,
+               tokens_per_row: int) -> jax.Array:
+    """Rows of a few tokens (decodes, speculative verification) go in items of W =
+    tokens_per_row consecutive tokens of a row, each item gathering its row's keys once for
+    its W queries (W = 1: per token). Longer rows (prefill chunks) go per row, in tiles of
+    Tq of its tokens that share each block of its keys: a chunk reads its keys once per
+    tile, not once per token, and a tile's scores are a matrix product. Only the live tiles
+    run, so the cost follows the batch."""
     T, N, H = q.shape
     R, P = kv_lens.shape[0], k_pages.shape[1]
     Tq = min(queries_per_block, T)
     # A row's tile of Tq queries computes Tq / q_len times its work; per token it costs a
     # gather per token. On CPU, tiles of 64: rows of 2 tokens ran 6x slower per row, rows
-    # of 4 about even; so rows of up to Tq / 8 go per token.
+    # of 4 about even; so rows of up to Tq / 8 go in items.
     few = max(1, Tq // 8)
     # Entries past a row's pages may be anything: clamped, they read some page, masked out.
     table = jnp.clip(_pad_pages(page_indices, pages_per_block), 0, P - 1)  # [R, M']
     tile = functools.partial(_attend_tile, k_pages, v_pages, table, sm_scale=sm_scale,
                              pages_per_block=pages_per_block)
-    row, position, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
     if T <= R:  # a decode step's shape: per token is exact for any batch, and no loop to set up
-        return _per_token(tile, q, row, position, valid, Tq)
+        row, position, valid = token_positions(kv_lens, cu_q_lens, num_seqs, T)
+        return _per_item(tile, q[:, None], row, position[:, None], valid[:, None], Tq)[:, 0]
 
     n = num_seqs[0]
     cu = jnp.where(jnp.arange(R + 1) <= n, cu_q_lens, cu_q_lens[n])  # sorted, as token_positions
     q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
-    # Longer rows: tiles of Tq tokens, row by row, in a loop over the live ones.
-    tiles = jnp.where(q_len > few, (q_len + Tq - 1) // Tq, 0)
-    first_tile = jnp.concatenate([jnp.zeros(1, tiles.dtype), jnp.cumsum(tiles)])  # [R + 1]
     padded = jnp.pad(q, ((0, Tq), (0, 0), (0, 0)))  # a tile read from any start fits
+
+    # Longer rows: tiles of Tq tokens, row by row, in a loop over the live ones.
+    long_rows = q_len > few
+    per_row = jnp.where(long_rows, (q_len + Tq - 1) // Tq, 0)
+    first_tile = jnp.concatenate([jnp.zeros(1, per_row.dtype), jnp.cumsum(per_row)])
 
     def row_tile(i, out):
         row = jnp.searchsorted(first_tile[1:], i, side='right').astype(jnp.int32)
         start = cu[row] + (i - first_tile[row]) * Tq
         valid = jnp.arange(Tq) < cu[row + 1] - start
         position = kv_lens[row] - cu[row + 1] + start + jnp.arange(Tq)
-        o = tile(jax.lax.dynamic_slice_in_dim(padded, start, Tq), jnp.full(Tq, row),
-                 position, valid, shared=True)
+        o = tile(jax.lax.dynamic_slice_in_dim(padded, start, Tq)[None], row[None],
+                 position[None], valid[None])[0]
         kept = jax.lax.dynamic_slice_in_dim(out, start, Tq)
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(valid[:, None, None], o, kept), start, 0)
 
     out = jax.lax.fori_loop(0, first_tile[R], row_tile, jnp.zeros_like(padded))[:T]
 
-    # Short rows' tokens, packed first (the rest point past the end: dropped).
-    short = valid & (q_len[row] <= few)
-    token = jnp.nonzero(short, size=min(T, R * few), fill_value=T)[0]  # [S]
-    at = token % T
-    o = _per_token(tile, jnp.take(q, token, axis=0, mode='fill', fill_value=0), row[at],
-                   position[at], token < T, Tq)
-    return out.at[token].set(o, mode='drop')
+    # Short rows in items of W of their tokens (the rest point past the end: dropped).
+    W = max(1, min(tokens_per_row, few))
+    # At most ceil(few / W) items per row, and sum(ceil(q_len / W)) <= (T + R (W - 1)) / W.
+    count = min(R * -(-few // W), (T + R * (W - 1)) // W)
+    per_row = jnp.where(long_rows, 0, (q_len + W - 1) // W)
+    first = jnp.concatenate([jnp.zeros(1, per_row.dtype), jnp.cumsum(per_row)])  # [R + 1]
+    i = jnp.arange(count)
+    row = jnp.minimum(jnp.searchsorted(first[1:], i, side='right'), R - 1).astype(jnp.int32)
+    token = (cu[row] + (i - first[row]) * W)[:, None] + jnp.arange(W)  # [count, W]
+    real = (i < first[R])[:, None] & (token < cu[row + 1][:, None])
+    position = kv_lens[row][:, None] - cu[row + 1][:, None] + token
+    o = _per_item(tile, jnp.take(q, token, axis=0, mode='fill', fill_value=0), row,
+                  position, real, Tq)
+    return out.at[jnp.where(real, token, T)].set(o, mode='drop')
 
 
-def _per_token(tile, q, row, position, valid, Tq: int) -> jax.Array:
-    """Tokens [S] each over its own row's keys: [S, N, H]. A tile reads as many blocks as
-    its longest token needs, for all of its tokens, so they go longest first in tiles of 1,
-    1, 2, 4, ... then Tq: a long sequence among short ones is read for itself alone, and a
-    batch of equal lengths still takes few tiles (a tile of padding skips every block)."""
-    S = q.shape[0]
+def _per_item(tile, q, row, position, valid, Tq: int) -> jax.Array:
+    """Items [S] of W tokens each over their own row's keys: q [S, W, N, H] -> [S, W, N, H]
+    (row [S], position and valid [S, W]). A tile reads as many blocks as its longest item
+    needs, for all of its items, so they go longest first in tiles of 1, 1, 2, 4, ... then
+    Tq / W items: a long sequence among short ones is read for itself alone, and a batch of
+    equal lengths still takes few tiles (a tile of padding skips every block)."""
+    S, W = q.shape[:2]
     if S == 1:  # one sequence decoding: nothing to order
-        return tile(q, row, position, valid, shared=False)
-    Td = min(Tq, S)
-    order = jnp.argsort(jnp.where(valid, -position, 1))  # longest first, padding last
+        return tile(q, row, position, valid)
+    Td = min(max(1, Tq // W), S)
+    need = jnp.max(jnp.where(valid, position + 1, 0), axis=1)
+    order = jnp.argsort(-need)  # longest first, padding last
     xs = [x[order] for x in (q, row, position, valid)]
     outs, at = [], 0
     for size in itertools.chain([1], (1 << i for i in itertools.count())):
         if at >= S or size >= Td:
             break
         size = min(size, S - at)
-        outs.append(tile(*(x[at:at + size] for x in xs), shared=False))
+        outs.append(tile(*(x[at:at + size] for x in xs)))
         at += size
     if at < S:  # the rest in tiles of Td, one after another
         rest = [jnp.pad(x[at:], [(0, -(S - at) % Td)] + [(0, 0)] * (x.ndim - 1)).reshape(
             -1, Td, *x.shape[1:]) for x in xs]
-        outs.append(jax.lax.map(lambda args: tile(*args, shared=False), rest).reshape(
-            -1, *q.shape[1:]))
+        outs.append(jax.lax.map(lambda args: tile(*args), rest).reshape(-1, *q.shape[1:]))
     out = jnp.concatenate(outs)[:S]
     return jnp.zeros_like(q).at[order].set(out)
 
 
-def _attend_tile(k_pages, v_pages, table, q, rows, position, valid, *, shared: bool,
-                 sm_scale: float, pages_per_block: int) -> jax.Array:
-    """One tile of tokens, q [Tq, N, H], rows, position, valid [Tq], over their rows' keys
-    with an online softmax (running max and sum, fp32). `shared`: every token is of
-    rows[0], so each block of keys is gathered once for the tile ([K, Bk, H]); else each
-    token gathers its own row's ([K, Tq, Bk, H])."""
-    Tq, N, H = q.shape
+def _attend_tile(k_pages, v_pages, table, q, rows, position, valid, *, sm_scale: float,
+                 pages_per_block: int) -> jax.Array:
+    """One tile of I items of W tokens, q [I, W, N, H], rows [I], position and valid [I, W],
+    over their rows' keys with an online softmax (running max and sum, fp32). Each item
+    gathers its row's block of keys once for its W tokens ([K, I, Bk, H]): a prefill tile
+    is one item of Tq tokens, a decode tile Tq items of one."""
+    I, W, N, H = q.shape
     K, _, L, _ = k_pages.shape
     G = N // K
     Bk = pages_per_block * L
-    q = q.reshape(Tq, K, G, H)
-    kv = 'KBH' if shared else 'KTBH'
+    q = q.reshape(I, W, K, G, H)
 
     def block(j, carry):
-        m, l, acc = carry  # [Tq, K, G], [Tq, K, G], [Tq, K, G, H] fp32
+        m, l, acc = carry  # [I, W, K, G] twice, [I, W, K, G, H] fp32
         pages = jax.lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block,
-                                             axis=1)
-        pages = pages[rows[0]] if shared else pages[rows]  # [pages_per_block] or [Tq, ...]
-        shape = (K, Bk, H) if shared else (K, Tq, Bk, H)
-        k, v = k_pages[:, pages].reshape(shape), v_pages[:, pages].reshape(shape)
+                                             axis=1)[rows]  # [I, pages_per_block]
+        k = k_pages[:, pages].reshape(K, I, Bk, H)
+        v = v_pages[:, pages].reshape(K, I, Bk, H)
         key_position = j * Bk + jnp.arange(Bk)
-        visible = valid[:, None] & (key_position[None, :] <= position[:, None])  # [Tq, Bk]
+        visible = valid[..., None] & (key_position <= position[..., None])  # [I, W, Bk]
         # Slots past a row's length hold other data, maybe stale or NaN: zero them, so that
         # a weight of 0 times them stays 0.
-        read = visible.any(0) if shared else visible
-        v = jnp.where(read[..., None], v, jnp.zeros((), v.dtype))
-        s = jnp.einsum(f'TKGH,{kv}->TKGB', q, k, preferred_element_type=jnp.float32)
-        s = jnp.where(visible[:, None, None, :], s * sm_scale, -jnp.inf)
+        v = jnp.where(visible.any(1)[None, :, :, None], v, jnp.zeros((), v.dtype))
+        s = jnp.einsum('IWKGH,KIBH->IWKGB', q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(visible[:, :, None, None, :], s * sm_scale, -jnp.inf)
         m_next = jnp.maximum(m, s.max(-1))
         # A token that has seen no key yet keeps max -inf: shift by 0 there, not by -inf.
         shift = jnp.where(jnp.isfinite(m_next), m_next, 0.0)
         alpha = jnp.exp(m - shift)
-        p = jnp.exp(s - shift[..., None])  # [Tq, K, G, Bk]
-        pv = jnp.einsum(f'TKGB,{kv}->TKGH', p, v, preferred_element_type=jnp.float32)
+        p = jnp.exp(s - shift[..., None])  # [I, W, K, G, Bk]
+        pv = jnp.einsum('IWKGB,KIBH->IWKGH', p, v, preferred_element_type=jnp.float32)
         return m_next, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
     # Only as many blocks as this tile's longest token needs: short rows skip the rest.
     num_blocks = (jnp.max(jnp.where(valid, position + 1, 0)) + Bk - 1) // Bk
-    init = (jnp.full((Tq, K, G), -jnp.inf), jnp.zeros((Tq, K, G)), jnp.zeros((Tq, K, G, H)))
+    init = (jnp.full((I, W, K, G), -jnp.inf), jnp.zeros((I, W, K, G)),
+            jnp.zeros((I, W, K, G, H)))
     _, l, acc = jax.lax.fori_loop(0, num_blocks, block, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding tokens: 0 / 1
-    return out.reshape(Tq, N, H).astype(q.dtype)
+    return out.reshape(I, W, N, H).astype(q.dtype)
 
 
 def combine_kv_pages(k_pages: jax.Array, v_pages: jax.Array) -> jax.Array:

@@ -65,10 +65,12 @@ def pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat
 
 
 def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax.Array,
-               v_pages: jax.Array, batch: tuple, impl: str | None, heads_axis: str | None):
+               v_pages: jax.Array, batch: tuple, impl: str | None, heads_axis: str | None,
+               tokens_per_row: int = 1):
     """Attention.__call__'s math for packed tokens x: [T, D] over one layer's pages
     [K, P, L, H] (kv heads split over the mesh axis `heads_axis`). batch: (kv_lens,
-    page_indices, cu_q_lens, num_seqs). Returns [T, D] and the updated pages."""
+    page_indices, cu_q_lens, num_seqs); tokens_per_row as in `ragged_paged_attention`.
+    Returns [T, D] and the updated pages."""
     cfg = attn.cfg
     q = jnp.einsum('TD,DNH->TNH', x, attn.q[...])
     k = jnp.einsum('TD,DKH->TKH', x, attn.k[...])
@@ -82,7 +84,8 @@ def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax
     q, k = apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, *batch)
     out = ragged_paged_attention(q, k_pages, v_pages, *batch, sm_scale=cfg.head_dim ** -0.5,
-                                 impl=impl, heads_axis=heads_axis)  # [T, N, H]
+                                 impl=impl, tokens_per_row=tokens_per_row,
+                                 heads_axis=heads_axis)  # [T, N, H]
     T, N, H = out.shape
     return out.reshape(T, N * H) @ attn.o[...].reshape(N * H, -1), k_pages, v_pages
 
@@ -103,10 +106,11 @@ def _moe(moe: MoE, x: jax.Array, valid: jax.Array) -> jax.Array:
 
 def paged_hidden(cfg: GlmConfig, params: dict, tokens: jax.Array, positions: jax.Array,
                  pages: KVPages, kv_lens: jax.Array, page_indices: jax.Array,
-                 cu_q_lens: jax.Array, num_seqs: jax.Array, *,
-                 attn_impl: str | None = None) -> tuple[jax.Array, KVPages]:
+                 cu_q_lens: jax.Array, num_seqs: jax.Array, *, attn_impl: str | None = None,
+                 tokens_per_row: int = 1) -> tuple[jax.Array, KVPages]:
     """The final hidden states [T, D] (after the final norm) of the packed tokens, and the
-    pages with every layer's new K/V written. Arguments as in `paged_forward`."""
+    pages with every layer's new K/V written. Arguments as in `paged_forward`;
+    tokens_per_row (static) as in `ragged_paged_attention`."""
     model = merge(cfg, params)
     batch = (kv_lens, page_indices, cu_q_lens, num_seqs)
     _, _, valid = token_positions(kv_lens, cu_q_lens, num_seqs, tokens.shape[0])
@@ -114,7 +118,7 @@ def paged_hidden(cfg: GlmConfig, params: dict, tokens: jax.Array, positions: jax
     ks, vs = [], []
     for i, layer in enumerate(model.layers):
         h, k, v = _attention(layer.attn, layer.attn_norm(x), positions, pages.k[i], pages.v[i],
-                             batch, attn_impl, pages.heads_axis)
+                             batch, attn_impl, pages.heads_axis, tokens_per_row)
         ks.append(k)
         vs.append(v)
         x = x + h

@@ -48,12 +48,14 @@ def mtp_pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int,
 def paged_mtp_hidden(cfg: GlmConfig, params: dict, hidden: jax.Array, next_tokens: jax.Array,
                      positions: jax.Array, pages: KVPages, kv_lens: jax.Array,
                      page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
-                     attn_impl: str | None = None) -> tuple[jax.Array, KVPages]:
+                     attn_impl: str | None = None, tokens_per_row: int = 1
+                     ) -> tuple[jax.Array, KVPages]:
     """The MTP layer over packed pairs: hidden [T, D] (main final hidden states, after the
     final norm) and next_tokens [T] (the token after each), at `positions` [T]. Writes the
     layer's K/V into `pages` (one layer) and returns its output after the head norm, [T, D]
     (what the lm_head reads, and what a further draft step feeds back), and the pages.
-    The ragged batch (kv_lens, page_indices, cu_q_lens, num_seqs) is as in `paged_forward`."""
+    The ragged batch (kv_lens, page_indices, cu_q_lens, num_seqs) is as in `paged_forward`,
+    tokens_per_row as in `ragged_paged_attention`."""
     main, mtp = merge(cfg, params), merge(cfg, params, 'mtp')
     batch = (kv_lens, page_indices, cu_q_lens, num_seqs)
     _, _, valid = token_positions(kv_lens, cu_q_lens, num_seqs, next_tokens.shape[0])
@@ -61,7 +63,7 @@ def paged_mtp_hidden(cfg: GlmConfig, params: dict, hidden: jax.Array, next_token
     x = jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1) @ mtp.eh_proj[...]
     layer = mtp.layer
     h, k, v = _attention(layer.attn, layer.attn_norm(x), positions, pages.k[0], pages.v[0],
-                         batch, attn_impl, pages.heads_axis)
+                         batch, attn_impl, pages.heads_axis, tokens_per_row)
     x = x + h
     h = layer.mlp_norm(x)
     x = x + (_moe(layer.mlp, h, valid) if isinstance(layer.mlp, MoE) else layer.mlp(h))

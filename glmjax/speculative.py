@@ -133,7 +133,8 @@ def verify_forward(cfg: GlmConfig, params: dict, pages: KVPages, tokens: jax.Arr
     cu, index = _ragged(q_lens, J)
     positions = lengths[:, None] + jnp.arange(J, dtype=jnp.int32)[None, :]
     h, pages = paged_hidden(cfg, params, _pack(tokens, index), _pack(positions, index), pages,
-                            lengths + q_lens, page_indices, cu, num_seqs, attn_impl=attn_impl)
+                            lengths + q_lens, page_indices, cu, num_seqs, attn_impl=attn_impl,
+                            tokens_per_row=J)
     hidden = _unpack(h, index)  # [R, J, D]
     return merge(cfg, params).logits(hidden), hidden, q_lens, pages
 
@@ -256,7 +257,7 @@ def propose(cfg: GlmConfig, params: dict, pages: KVPages, hidden: jax.Array,
     positions = start[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
     out, pages = paged_mtp_hidden(cfg, params, _pack(hidden, index), _pack(next_tokens, index),
                                   _pack(positions, index), pages, start + q_lens, page_indices,
-                                  cu, num_seqs, attn_impl=attn_impl)
+                                  cu, num_seqs, attn_impl=attn_impl, tokens_per_row=W)
     return draft(cfg, params, pages, out[cu[1:] - 1], start + q_lens - 1, page_indices,
                  num_seqs, num_drafts, attn_impl=attn_impl)
 

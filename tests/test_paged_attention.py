@@ -108,6 +108,20 @@ def test_reference_equals_dense(pages_per_block, queries_per_block, rows):
     assert (out[live:] == 0).all()
 
 
+# Items of several tokens: rows longer than an item take several (the last one padded),
+# shorter rows one padded item; the third batch is a verification step's shape (equal rows).
+@pytest.mark.parametrize('tokens_per_row', [2, 3, 8])
+@pytest.mark.parametrize('rows', [ROWS, [(5, 2), (7, 0), (24, 16), (3, 1)],
+                                  [(9, 3), (18, 3), (4, 3), (13, 3)]])
+def test_reference_in_items_of_several_tokens_equals_dense(tokens_per_row, rows):
+    batch, ks, vs = make_batch(np.random.default_rng(6), rows)
+    out = np.asarray(attention(batch, tokens_per_row=tokens_per_row))
+    live = sum(ql for _, ql in rows)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[:live], dense(batch['q'], ks, vs, rows)[:live], atol=1e-5)
+    assert (out[live:] == 0).all()
+
+
 def test_a_step_of_no_more_tokens_than_rows_equals_dense():
     """8 tokens for 8 rows (a decode step's shape), one row a chunk of 5: all per token."""
     rows = [(9, 1), (18, 5), (4, 1)]
