@@ -54,6 +54,9 @@ _TEMPS = flags.DEFINE_list('temperatures', ['0', '1.0'], 'temperatures of the ac
 _STEPS = flags.DEFINE_integer('steps_per_call', 4, 'decode steps per engine call')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per batch and k (median, min-max)')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'weights and pages')
+_SPEC_MAX = flags.DEFINE_integer('speculative_max_batch', None, 'the engines\' '
+                                 'speculative_max_batch (default: measured, as the server; '
+                                 'the largest batch: every call speculates)')
 
 PAGE, CHUNK = 16, 512  # page_size, max_num_batched_tokens
 # glmjax.serving.server.DEMO_MODEL, whose import would define the server's flags (--dtype).
@@ -173,7 +176,7 @@ def main(argv):
         engines[k] = PagedEngine(cfg, params, max_batch=max(widest, 1), max_seq_len=max_seq_len,
                                  steps_per_call=_STEPS.value, page_size=PAGE,
                                  max_num_batched_tokens=max(CHUNK, widest),
-                                 speculative_tokens=k)
+                                 speculative_tokens=k, speculative_max_batch=_SPEC_MAX.value)
         engines[k].warmup()
         print(f'k={k}: engine built and warmed up in {time.perf_counter() - t:.1f} s',
               flush=True)
@@ -205,17 +208,27 @@ def main(argv):
                     print(f'| {kind} | {temp:g} | {k} | {drafts} | {rates} | '
                           f'{1 + accepted / max(drafts, 1):.2f} |', flush=True)
 
+    if _SPEC_MAX.value is None:
+        for k in ks:
+            costs = ', '.join(f'{b}: {c:.2f}' for b, c in engines[k].spec_cost.items())
+            print(f'k={k}: a speculative call over a plain one, by rows, measured: {costs}')
     print(f'\nThroughput: steady-state greedy decode, {_NEW.value} new tokens per row, stop '
-          f'ids ignored, tokens/s, median (min-max) of {_REPEATS.value}; speed-up vs k=0\n')
+          f'ids ignored, tokens/s, median (min-max) of {_REPEATS.value}; speed-up vs k=0; '
+          f'[the share of the runs\' decode calls that speculated]\n')
     print('| batch | k=0 | ' + ' | '.join(f'k={k}' for k in ks) + ' |')
     print('|---|---|' + '---|' * len(ks))
     for batch in batches:
         rates = {k: [] for k in engines}
+        spec = {k: [0, 0] for k in engines}  # speculative, all decode calls timed
         for _ in range(_REPEATS.value):
             for k, eng in engines.items():
+                before = dict(eng.spec_calls)
                 rates[k].append(throughput(eng, mixed, batch))
+                spec[k][0] += eng.spec_calls['speculative'] - before['speculative']
+                spec[k][1] += sum(eng.spec_calls.values()) - sum(before.values())
         base = statistics.median(rates[0])
-        cells = [f'{spread(rates[k])} ({statistics.median(rates[k]) / base:.2f}x)' for k in ks]
+        cells = [f'{spread(rates[k])} ({statistics.median(rates[k]) / base:.2f}x) '
+                 f'[{spec[k][0] / max(spec[k][1], 1):.0%}]' for k in ks]
         print(f'| {batch} | {spread(rates[0])} | ' + ' | '.join(cells) + ' |', flush=True)
 
 

@@ -226,3 +226,76 @@ def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prom
     assert four[-1] == 0  # every call of four sequences (after the prompts) was plain
     m = eng.metrics()
     assert m['spec_decode_num_drafts'] > 0 and m['spec_decode_num_accepted_tokens'] > 0
+
+
+def run_logged(eng, prompts, news):
+    """Greedy decoding of each prompt in its own slot, freed at its news[slot] tokens (the
+    engine fetching two calls behind, as it does); returns the tokens per slot and, per
+    decode call, (sequences running, whether it speculated)."""
+    out = [[] for _ in prompts]
+    for slot, p in enumerate(prompts):
+        eng.insert(eng.prefill(p), slot, SlotSettings(max_new=news[slot], temperature=0.0,
+                                                      stop_ids=()))
+    calls = []
+    while any(len(o) < n for o, n in zip(out, news)):
+        running, before = sum(eng._in_use), dict(eng.spec_calls)
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(prompts)):
+            if len(out[slot]) < news[slot]:
+                out[slot] += tokens[slot][valid[slot]].tolist()
+                if len(out[slot]) >= news[slot]:
+                    eng.free(slot)
+        if eng.spec_calls != before:
+            calls.append((running, eng.spec_calls['speculative'] > before['speculative']))
+    return [o[:n] for o, n in zip(out, news)], calls
+
+
+def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatch):
+    """speculative_max_batch None: warm-up times a speculative and a plain call of every row
+    bucket (faked: of 4 rows speculation costs 100 plain calls, else as much as one). The
+    first calls speculate; once their acceptance is fetched, calls of three or four
+    sequences are plain and calls of one or two speculate. The tokens are the plain engine's throughout."""
+    timed = []
+
+    def seconds(self, kind, rows, run):
+        jax.block_until_ready(run())
+        timed.append((kind, rows))
+        return 100.0 if (kind, rows) == ('speculative', 4) else 1.0
+
+    monkeypatch.setattr(PagedEngine, '_seconds', seconds)
+    eng = engine(demo, 2)
+    assert eng.measures_speculation and eng.row_buckets == (1, 2, 4)
+    eng.warmup()
+    assert timed == [(kind, rows) for rows in (1, 2, 4) for kind in ('speculative', 'plain')]
+    assert eng.spec_cost == {1: 1.0, 2: 1.0, 4: 100.0}
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+    news = [NEW, NEW, 20, 20]
+    out, calls = run_logged(eng, prompts, news)
+    assert out == [p[:n] for p, n in zip(plain, news)]
+    # Three or four running: calls of the 4-row bucket. The engine fetches two calls
+    # behind, so the first three speculate before any acceptance is known.
+    four = [spec for running, spec in calls if running > 2]
+    assert four[:3] == [True] * 3 and not any(four[3:]) and len(four) > 3, calls
+    two = [spec for running, spec in calls if running <= 2]
+    assert two and all(two), calls
+    m = eng.metrics()
+    assert m['spec_decode_num_speculative_calls'] == sum(spec for _, spec in calls) > 0
+    assert m['spec_decode_num_plain_calls'] == sum(not spec for _, spec in calls) > 0
+
+
+def test_speculation_stops_while_it_emits_too_few_and_probes_again(demo, prompts, plain,
+                                                                    monkeypatch):
+    """A cost no k = 1 step reaches on average (1.99 tokens per verify step): once the
+    estimate falls under it the calls are plain, except one in SPEC_PROBE_EVERY (3 here),
+    which speculates to renew it. Greedy tokens unchanged."""
+    import glmjax.serving.paged_engine as paged_engine
+    monkeypatch.setattr(paged_engine, 'SPEC_PROBE_EVERY', 3)
+    eng = engine(demo, 1)
+    eng.spec_cost = {rows: 1.99 for rows in eng.row_buckets}  # as warm-up would set it
+    out, calls = run_logged(eng, prompts[:1], [NEW])
+    assert out == plain[:1]
+    kinds = ''.join('s' if spec else 'p' for _, spec in calls)
+    assert 'p' in kinds and 'pppp' not in kinds, kinds
+    assert kinds.startswith('s')
+    assert 1 < eng.spec_emitted < 1.99

@@ -47,7 +47,10 @@ class Metrics:
                 ('num_preemptions', 'Sequences preempted for lack of KV pages'),
                 ('spec_decode_num_drafts', 'Speculative steps of a sequence (one draft run)'),
                 ('spec_decode_num_draft_tokens', 'Draft tokens proposed'),
-                ('spec_decode_num_accepted_tokens', 'Draft tokens accepted'))}
+                ('spec_decode_num_accepted_tokens', 'Draft tokens accepted'),
+                ('spec_decode_num_speculative_calls', 'Decode calls that speculated'),
+                ('spec_decode_num_plain_calls', 'Decode calls of a speculating engine that '
+                 'did not (the measured rule or --speculative_max_batch)'))}
         self.accepted_per_pos = Gauge('glmjax:spec_decode_num_accepted_tokens_per_pos',
                                       'Draft tokens accepted at each draft position',
                                       ['position'], registry=r)

@@ -110,6 +110,11 @@ KV_MEMORY_FRACTION = 0.9
 # kept (what else runs on the host only adds time).
 MAX_MEASURED_BUDGET = 8192
 BUDGET_TIMINGS = 3
+# Speculation's measured rule (speculative_max_batch None): the weight of each fetched
+# call in the estimate of the tokens a verify step emits per row, and how many decode calls
+# in a row go plain on that estimate before one speculates again to renew it.
+SPEC_EMA = 0.25
+SPEC_PROBE_EVERY = 16
 
 
 def device_memory(devices) -> list[tuple[int, int]] | None:
@@ -180,8 +185,9 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
               ) -> tuple[KVPages, KVPages | None, SlotState, StepOutput]:
     """`steps` decode steps of the R packed rows: slots [R] i32 (padding rows: max_batch),
     num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps].
-    num_drafts > 0 (an engine that speculates, on a call too big to): the MTP layer follows
-    each step, so its pages and the rows' drafts are current when speculation resumes."""
+    num_drafts > 0 (an engine that speculates, on a call it decodes plainly): the MTP layer
+    follows each step, so its pages are current when speculation resumes, and drafts once
+    from the call's last step."""
     R = slots.shape[0]
     live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)  # [R, ...]
@@ -197,20 +203,22 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
                                          rows.counts, rows.prompt_mask, rows.generated,
                                          rows.max_new, rows.stop_ids, active)
         tokens = jnp.where(active, out.tokens, rows.tokens)
-        drafts = rows.drafts
-        if num_drafts:
+        pair = None
+        if num_drafts:  # the MTP pair of this position (the last step's output drafts)
             g, mtp_pages = paged_mtp_hidden(cfg, params, h, tokens, rows.lengths, mtp_pages,
                                             rows.lengths + 1, page_indices, cu_q_lens,
                                             num_seqs, attn_impl=attn_impl)
-            drafts, mtp_pages = draft(cfg, params, mtp_pages, g, rows.lengths, page_indices,
-                                      num_seqs, num_drafts, attn_impl=attn_impl)
+            pair = (g, rows.lengths)
         rows = rows.replace(tokens=tokens, lengths=rows.lengths + active,
-                            done=rows.done | out.done, counts=counts, generated=generated,
-                            drafts=drafts)
-        return (pages, mtp_pages, rows), out
+                            done=rows.done | out.done, counts=counts, generated=generated)
+        return (pages, mtp_pages, rows), (out, pair)
 
-    (pages, mtp_pages, rows), outs = jax.lax.scan(step, (pages, mtp_pages, rows), None,
-                                                  length=steps)
+    (pages, mtp_pages, rows), (outs, pairs) = jax.lax.scan(step, (pages, mtp_pages, rows), None,
+                                                           length=steps)
+    if num_drafts:
+        drafts, mtp_pages = draft(cfg, params, mtp_pages, pairs[0][-1], pairs[1][-1],
+                                  page_indices, num_seqs, num_drafts, attn_impl=attn_impl)
+        rows = rows.replace(drafts=drafts)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
     return pages, mtp_pages, state, _scatter_outputs(state, slots, outs)
@@ -385,7 +393,12 @@ class PagedEngine(Engine):
     must have its MTP layer); its pages come out of the same pool budget.
     speculative_max_batch: a decode call with more running sequences than this is plain
     (verifying k + 1 tokens per row no longer pays once a step is compute-bound); the MTP
-    layer still follows it, so drafts are current when the load falls. None: no limit.
+    layer still follows it, so drafts are current when the load falls. None: measured
+    (`_measure_speculation`): `warmup` times a speculative and a plain call of each row
+    bucket, and a call speculates while the tokens a verify step has been emitting per row
+    (estimated from the fetched calls, SPEC_EMA; the first calls speculate) are at least the
+    two calls' ratio of seconds; after SPEC_PROBE_EVERY plain calls one speculates to renew
+    the estimate. Until warmup, always.
     """
 
     def __init__(self, cfg: GlmConfig, params: dict, max_batch: int, max_seq_len: int,
@@ -422,6 +435,13 @@ class PagedEngine(Engine):
         self.num_drafts = speculative_tokens
         self.spec_max_batch = max_batch if speculative_max_batch is None else \
             speculative_max_batch
+        self.measures_speculation = bool(speculative_tokens) and speculative_max_batch is None
+        # Per row bucket, a speculative call's seconds over a plain one's (warmup): the tokens
+        # per row a verify step must emit to pay; and the estimate of what one does.
+        self.spec_cost: dict[int, float] = {}
+        self.spec_emitted: float | None = None  # None: no verify step fetched yet
+        self.spec_calls = {'speculative': 0, 'plain': 0}  # decode calls of each kind
+        self._plain_run = 0  # decode calls in a row that went plain on the estimate
         # A decode call's most new positions per sequence: every step may emit k + 1.
         self.call_tokens = steps_per_call * (speculative_tokens + 1)
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
@@ -688,12 +708,20 @@ class PagedEngine(Engine):
         self.spec_totals['num_draft_tokens'] += runs.size * self.num_drafts
         self.spec_totals['num_accepted_tokens'] += int(runs.sum())
         self.spec_accepted_per_pos += (runs[:, None] > np.arange(self.num_drafts)).sum(axis=0)
+        if runs.size:
+            last = 1 + runs.mean() if self.spec_emitted is None else self.spec_emitted
+            self.spec_emitted = last + SPEC_EMA * (1 + runs.mean() - last)
 
     # ---- the device calls ----
 
     def _speculates(self, n: int) -> bool:
-        """Whether a decode call of n sequences is speculative."""
-        return bool(self.num_drafts) and n <= self.spec_max_batch
+        """Whether a decode call of n sequences is speculative (the same answer until the
+        call is made: it reads only what calls and fetches change)."""
+        if not self.num_drafts or n > self.spec_max_batch:
+            return False
+        cost = self.spec_cost.get(_smallest(self.row_buckets, n))
+        return (cost is None or self.spec_emitted is None or self.spec_emitted >= cost
+                or self._plain_run >= SPEC_PROBE_EVERY)
 
     def _call_tokens(self, n: int) -> int:
         """The most positions a decode call of n sequences adds to each."""
@@ -703,8 +731,13 @@ class PagedEngine(Engine):
         padded = np.full(rows, self.max_batch, np.int32)
         padded[:len(slots)] = slots
         table = self.manager.page_table_array([self._slot_seq[s] for s in slots], rows)
+        speculate = self._speculates(len(slots))
         out, accepted = self._run_decode((padded, np.array([len(slots)], np.int32), table),
-                                         speculate=self._speculates(len(slots)))
+                                         speculate=speculate)
+        if self.num_drafts:
+            self.spec_calls['speculative' if speculate else 'plain'] += 1
+            on_estimate = not speculate and len(slots) <= self.spec_max_batch
+            self._plain_run = self._plain_run + 1 if on_estimate else 0
         self._bound[slots] = np.minimum(self._bound[slots] + self._call_tokens(len(slots)),
                                         self._limit[slots])
         self.last_rows = rows
@@ -846,6 +879,7 @@ class PagedEngine(Engine):
         if self.num_drafts:
             out.update({f'spec_decode_{k}': v for k, v in self.spec_totals.items()})
             out['spec_decode_num_accepted_tokens_per_pos'] = self.spec_accepted_per_pos.tolist()
+            out.update({f'spec_decode_num_{k}_calls': v for k, v in self.spec_calls.items()})
         return out
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
@@ -855,7 +889,8 @@ class PagedEngine(Engine):
     def warmup(self, progress=None) -> None:
         """Compiles every mixed step (token buckets) and decode call (row buckets) on empty
         batches, measures the token budget if the engine was made without one
-        (`_measure_budget`), then resets; `progress(done, total)` after each."""
+        (`_measure_budget`) and speculation's cost per row bucket if it measures it
+        (`_measure_speculation`), then resets; `progress(done, total)` after each."""
         sizes = self._budget_sizes(self.max_batch, self.max_seq_len) \
             if self.measures_budget else self.token_buckets
         total = len(token_buckets(sizes[-1])) + len(self.row_buckets)
@@ -875,12 +910,14 @@ class PagedEngine(Engine):
         for before, rows in zip((0, *self.row_buckets), self.row_buckets):
             host = (np.full(rows, B, np.int32), none, self.manager.page_table_array([], rows))
             # The calls of before + 1 .. rows sequences: speculative, plain, or (a bucket
-            # across speculative_max_batch) both.
+            # across speculative_max_batch, or a measured rule) both.
             kinds = [True] * self._speculates(before + 1) + [False] * (
-                not self._speculates(rows))
+                not self._speculates(rows) or self.measures_speculation)
             for speculate in kinds:
                 jax.block_until_ready(self._run_decode(host, speculate))
             tick()
+        if self.measures_speculation:
+            self._measure_speculation()
         if self.measures_budget:
             self._measure_budget(sizes, tick)
             if progress is not None:
@@ -922,10 +959,27 @@ class PagedEngine(Engine):
         self.max_num_batched_tokens, self.token_buckets = budget, token_buckets(budget)
         self.budget_timings = timings
 
+    def _measure_speculation(self) -> None:
+        """Sets spec_cost: per row bucket, a speculative decode call's seconds over a plain
+        one's, every row live on made-up tokens over the scratch page 0 (as
+        `_measure_budget`; the state and pool are reset after)."""
+        B, M = self.max_batch, self.max_pages_per_seq
+        ids = np.random.default_rng(1).integers(0, self.vocab_size, (B,), np.int32)
+        self.state = self.state.replace(tokens=self.layout.put(ids))
+        for rows in self.row_buckets:
+            if rows > self.spec_max_batch:
+                break
+            host = (np.arange(rows, dtype=np.int32), np.array([rows], np.int32),
+                    np.zeros((rows, M), np.int32))
+            spec, plain = (self._seconds(kind, rows, functools.partial(self._run_decode, host, s))
+                           for kind, s in (('speculative', True), ('plain', False)))
+            self.spec_cost[rows] = spec / plain
+
     def _seconds(self, kind: str, tokens: int, run: Callable[[], object]) -> float:
-        """The fastest of BUDGET_TIMINGS runs of a step (`kind` 'decode' or 'mixed',
-        of `tokens` rows or tokens) after a first one that compiles it; the largest over
-        processes, so that every process chooses the same budget."""
+        """The fastest of BUDGET_TIMINGS runs of a step (`kind` 'decode' or 'mixed' of
+        `tokens` rows or tokens, or a decode call of `tokens` rows, 'speculative' or
+        'plain') after a first one; the largest over processes, so that every process
+        chooses the same."""
         jax.block_until_ready(run())
         times = []
         for _ in range(BUDGET_TIMINGS):

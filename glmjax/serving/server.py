@@ -76,7 +76,9 @@ _SPEC_TOKENS = flags.DEFINE_integer('num_speculative_tokens', 1, '--speculative=
                                     'to its own output)', lower_bound=1)
 _SPEC_MAX_BATCH = flags.DEFINE_integer('speculative_max_batch', None, '--speculative=mtp: decode '
                                        'calls of more running sequences than this are plain '
-                                       '(default: no limit)', lower_bound=1)
+                                       '(default: measured at start-up, a call speculates '
+                                       'while the drafts accepted pay for what a speculative '
+                                       'call of its size costs)', lower_bound=1)
 _MODERATION = flags.DEFINE_string('moderation_prompt', None, 'JSON file of the instructions and '
                                   'verdicts with which the model classifies requests that ask '
                                   'for safety_model (default: glmjax/serving/moderation.json)')
@@ -201,6 +203,14 @@ def budget_line(engine: PagedEngine) -> str:
             f'{" / ".join(f"{v * 1e3:.1f}" for v in timings.values())} ms')
 
 
+def speculation_line(engine: PagedEngine) -> str:
+    """What warmup measured for speculation, as the server prints it."""
+    costs = ', '.join(f'{rows} {cost:.2f}' for rows, cost in engine.spec_cost.items())
+    return (f'--speculative_max_batch measured: a speculative decode call over a plain one, '
+            f'by sequences: {costs}; a call speculates while a verify step emits at least '
+            f'that many tokens per sequence')
+
+
 def make_engine(cfg: GlmConfig, params: dict, mesh) -> PagedEngine:
     gb = _KV_CACHE_GB.value
     return PagedEngine(cfg, params, _MAX_BATCH.value, _MAX_SEQ_LEN.value, _STEPS.value,
@@ -300,6 +310,8 @@ def main(argv):
             server.warmup(Progress('compiling', 1))
             if paged.measures_budget:
                 print(f'glmjax-serve: {budget_line(paged)}', flush=True)
+            if paged.measures_speculation:
+                print(f'glmjax-serve: {speculation_line(paged)}', flush=True)
             print(f'glmjax-serve: serving {name} on port {server.port}', flush=True)
     except EngineLost as e:
         fail(str(e))
