@@ -200,34 +200,6 @@ def test_through_the_server_text_and_stop_strings_are_the_plain_ones(demo, promp
         server.shutdown(grace=5)
 
 
-def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prompts, plain):
-    """speculative_max_batch=2: while four sequences decode, calls are plain (no drafts
-    counted, the MTP layer following); once two are freed, speculation resumes with current
-    drafts, which are accepted. The tokens are the plain engine's throughout."""
-    eng = engine(demo, 3, speculative_max_batch=2)
-    news = [NEW, NEW, 8, 8]
-    out = [[] for _ in prompts]
-    for slot, p in enumerate(prompts):
-        eng.insert(eng.prefill(p), slot, SlotSettings(max_new=news[slot], temperature=0.0,
-                                                      stop_ids=()))
-    drafts = []
-    while any(len(o) < n for o, n in zip(out, news)):
-        step = eng.generate()
-        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
-        for slot in range(len(prompts)):
-            if len(out[slot]) < news[slot]:
-                out[slot] += tokens[slot][valid[slot]].tolist()
-                if len(out[slot]) >= news[slot]:
-                    eng.free(slot)
-        eng._fetch(keep=0)
-        drafts.append((sum(eng._in_use), eng.metrics()['spec_decode_num_drafts']))
-    assert [o[:n] for o, n in zip(out, news)] == [p[:n] for p, n in zip(plain, news)]
-    four = [d for running, d in drafts if running == 4]
-    assert four[-1] == 0  # every call of four sequences (after the prompts) was plain
-    m = eng.metrics()
-    assert m['spec_decode_num_drafts'] > 0 and m['spec_decode_num_accepted_tokens'] > 0
-
-
 def run_logged(eng, prompts, news):
     """Greedy decoding of each prompt in its own slot, freed at its news[slot] tokens (the
     engine fetching two calls behind, as it does); returns the tokens per slot and, per
@@ -251,11 +223,28 @@ def run_logged(eng, prompts, news):
     return [o[:n] for o, n in zip(out, news)], calls
 
 
+def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prompts, plain):
+    """speculative_max_batch=2: while three or four sequences decode, calls are plain (the
+    MTP layer following); once two are freed, speculation resumes with current drafts,
+    which are accepted. The tokens are the plain engine's throughout."""
+    eng = engine(demo, 3, speculative_max_batch=2)
+    news = [NEW, NEW, 8, 8]
+    out, calls = run_logged(eng, prompts, news)
+    assert out == [p[:n] for p, n in zip(plain, news)]
+    assert not any(spec for running, spec in calls if running > 2), calls
+    two = [spec for running, spec in calls if running <= 2]
+    assert two and all(two), calls
+    eng._fetch(keep=0)
+    m = eng.metrics()
+    assert m['spec_decode_num_drafts'] > 0 and m['spec_decode_num_accepted_tokens'] > 0
+
+
 def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatch):
     """speculative_max_batch None: warm-up times a speculative and a plain call of every row
     bucket (faked: of 4 rows speculation costs 100 plain calls, else as much as one). The
     first calls speculate; once their acceptance is fetched, calls of three or four
-    sequences are plain and calls of one or two speculate. The tokens are the plain engine's throughout."""
+    sequences are plain and calls of one or two speculate. The tokens are the plain
+    engine's throughout."""
     timed = []
 
     def seconds(self, kind, rows, run):
