@@ -241,33 +241,32 @@ def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prom
 
 def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatch):
     """speculative_max_batch None: warm-up times a speculative and a plain call of every row
-    bucket (faked: of 4 rows speculation costs 100 plain calls, else as much as one). The
-    first calls speculate; once their acceptance is fetched, calls of three or four
-    sequences are plain and calls of one or two speculate. The tokens are the plain
-    engine's throughout."""
+    bucket (faked: of 2 rows speculation costs 100 plain calls, of 1 as much as one). The
+    first calls speculate; once their acceptance is fetched, calls of two sequences are
+    plain and calls of one speculate. The tokens are the plain engine's throughout."""
     timed = []
 
     def seconds(self, kind, rows, run):
         jax.block_until_ready(run())
         timed.append((kind, rows))
-        return 100.0 if (kind, rows) == ('speculative', 4) else 1.0
+        return 100.0 if (kind, rows) == ('speculative', 2) else 1.0
 
     monkeypatch.setattr(PagedEngine, '_seconds', seconds)
-    eng = engine(demo, 2)
-    assert eng.measures_speculation and eng.row_buckets == (1, 2, 4)
+    eng = engine(demo, 2, max_batch=2)
+    assert eng.measures_speculation and eng.row_buckets == (1, 2)
     eng.warmup()
-    assert timed == [(kind, rows) for rows in (1, 2, 4) for kind in ('speculative', 'plain')]
-    assert eng.spec_cost == {1: 1.0, 2: 1.0, 4: 100.0}
+    assert timed == [(kind, rows) for rows in (1, 2) for kind in ('speculative', 'plain')]
+    assert eng.spec_cost == {1: 1.0, 2: 100.0}
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
-    news = [NEW, NEW, 20, 20]
-    out, calls = run_logged(eng, prompts, news)
+    news = [24, NEW]
+    out, calls = run_logged(eng, prompts[:2], news)
     assert out == [p[:n] for p, n in zip(plain, news)]
-    # Three or four running: calls of the 4-row bucket. The engine fetches two calls
-    # behind, so the first three speculate before any acceptance is known.
-    four = [spec for running, spec in calls if running > 2]
-    assert four[:3] == [True] * 3 and not any(four[3:]) and len(four) > 3, calls
-    two = [spec for running, spec in calls if running <= 2]
-    assert two and all(two), calls
+    # The engine fetches two calls behind: the first three speculate before any acceptance
+    # is known.
+    two = [spec for running, spec in calls if running == 2]
+    assert two[:3] == [True] * 3 and not any(two[3:]) and len(two) > 3, calls
+    one = [spec for running, spec in calls if running == 1]
+    assert one and all(one), calls
     m = eng.metrics()
     assert m['spec_decode_num_speculative_calls'] == sum(spec for _, spec in calls) > 0
     assert m['spec_decode_num_plain_calls'] == sum(not spec for _, spec in calls) > 0
