@@ -216,14 +216,24 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
     q_len = cu[1:] - cu[:-1]  # [R], 0 past the live rows
     padded = jnp.pad(q, ((0, Tq), (0, 0), (0, 0)))  # a tile read from any start fits
 
+    def spans(rows: jax.Array, width: int):
+        """The spans of `width` consecutive tokens of the rows where `rows`, numbered in row
+        order: (how many there are, span i -> (its row, its first token's index))."""
+        per_row = jnp.where(rows, (q_len + width - 1) // width, 0)
+        first = jnp.concatenate([jnp.zeros(1, per_row.dtype), jnp.cumsum(per_row)])
+
+        def at(i):
+            row = jnp.minimum(jnp.searchsorted(first[1:], i, side='right'), R - 1)
+            row = row.astype(jnp.int32)
+            return row, cu[row] + (i - first[row]) * width
+        return first[R], at
+
     # Longer rows: tiles of Tq tokens, row by row, in a loop over the live ones.
     long_rows = q_len > few
-    per_row = jnp.where(long_rows, (q_len + Tq - 1) // Tq, 0)
-    first_tile = jnp.concatenate([jnp.zeros(1, per_row.dtype), jnp.cumsum(per_row)])
+    num_tiles, tile_at = spans(long_rows, Tq)
 
     def row_tile(i, out):
-        row = jnp.searchsorted(first_tile[1:], i, side='right').astype(jnp.int32)
-        start = cu[row] + (i - first_tile[row]) * Tq
+        row, start = tile_at(i)
         valid = jnp.arange(Tq) < cu[row + 1] - start
         position = kv_lens[row] - cu[row + 1] + start + jnp.arange(Tq)
         o = tile(jax.lax.dynamic_slice_in_dim(padded, start, Tq)[None], row[None],
@@ -232,18 +242,17 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(valid[:, None, None], o, kept), start, 0)
 
-    out = jax.lax.fori_loop(0, first_tile[R], row_tile, jnp.zeros_like(padded))[:T]
+    out = jax.lax.fori_loop(0, num_tiles, row_tile, jnp.zeros_like(padded))[:T]
 
     # Short rows in items of W of their tokens (the rest point past the end: dropped).
     W = max(1, min(tokens_per_row, few))
     # At most ceil(few / W) items per row, and sum(ceil(q_len / W)) <= (T + R (W - 1)) / W.
     count = min(R * -(-few // W), (T + R * (W - 1)) // W)
-    per_row = jnp.where(long_rows, 0, (q_len + W - 1) // W)
-    first = jnp.concatenate([jnp.zeros(1, per_row.dtype), jnp.cumsum(per_row)])  # [R + 1]
+    num_items, item_at = spans(~long_rows, W)
     i = jnp.arange(count)
-    row = jnp.minimum(jnp.searchsorted(first[1:], i, side='right'), R - 1).astype(jnp.int32)
-    token = (cu[row] + (i - first[row]) * W)[:, None] + jnp.arange(W)  # [count, W]
-    real = (i < first[R])[:, None] & (token < cu[row + 1][:, None])
+    row, start = item_at(i)
+    token = start[:, None] + jnp.arange(W)  # [count, W]
+    real = (i < num_items)[:, None] & (token < cu[row + 1][:, None])
     position = kv_lens[row][:, None] - cu[row + 1][:, None] + token
     o = _per_item(tile, jnp.take(q, token, axis=0, mode='fill', fill_value=0), row,
                   position, real, Tq)

@@ -441,7 +441,7 @@ class PagedEngine(Engine):
         self.spec_cost: dict[int, float] = {}
         self.spec_emitted: float | None = None  # None: no verify step fetched yet
         self.spec_calls = {'speculative': 0, 'plain': 0}  # decode calls of each kind
-        self._plain_run = 0  # decode calls in a row that went plain on the estimate
+        self._plain_run = 0  # plain decode calls in a row (the probe reads it)
         # A decode call's most new positions per sequence: every step may emit k + 1.
         self.call_tokens = steps_per_call * (speculative_tokens + 1)
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
@@ -709,8 +709,8 @@ class PagedEngine(Engine):
         self.spec_totals['num_accepted_tokens'] += int(runs.sum())
         self.spec_accepted_per_pos += (runs[:, None] > np.arange(self.num_drafts)).sum(axis=0)
         if runs.size:
-            last = 1 + runs.mean() if self.spec_emitted is None else self.spec_emitted
-            self.spec_emitted = last + SPEC_EMA * (1 + runs.mean() - last)
+            emitted, last = 1 + runs.mean(), self.spec_emitted
+            self.spec_emitted = emitted if last is None else last + SPEC_EMA * (emitted - last)
 
     # ---- the device calls ----
 
@@ -736,8 +736,7 @@ class PagedEngine(Engine):
                                          speculate=speculate)
         if self.num_drafts:
             self.spec_calls['speculative' if speculate else 'plain'] += 1
-            on_estimate = not speculate and len(slots) <= self.spec_max_batch
-            self._plain_run = self._plain_run + 1 if on_estimate else 0
+            self._plain_run = 0 if speculate else self._plain_run + 1
         self._bound[slots] = np.minimum(self._bound[slots] + self._call_tokens(len(slots)),
                                         self._limit[slots])
         self.last_rows = rows
@@ -966,9 +965,7 @@ class PagedEngine(Engine):
         B, M = self.max_batch, self.max_pages_per_seq
         ids = np.random.default_rng(1).integers(0, self.vocab_size, (B,), np.int32)
         self.state = self.state.replace(tokens=self.layout.put(ids))
-        for rows in self.row_buckets:
-            if rows > self.spec_max_batch:
-                break
+        for rows in self.row_buckets:  # a measuring engine has no speculative_max_batch
             host = (np.arange(rows, dtype=np.int32), np.array([rows], np.int32),
                     np.zeros((rows, M), np.int32))
             spec, plain = (self._seconds(kind, rows, functools.partial(self._run_decode, host, s))
