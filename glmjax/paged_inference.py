@@ -64,6 +64,30 @@ def pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int, dtype=jnp.bfloat
     return 2 * cfg.num_hidden_layers * shape.size * jnp.dtype(dtype).itemsize
 
 
+def _roped(attn: Attention, x: jax.Array, positions: jax.Array, name: str) -> jax.Array:
+    """The layer's queries (name 'q') or keys ('k') of packed tokens x: [T, D] at
+    `positions` [T], with their bias and QK-norm, roped: [T, N or K, H]."""
+    cfg = attn.cfg
+    y = jnp.einsum('TD,DNH->TNH', x, getattr(attn, name)[...])
+    if cfg.attention_bias:
+        y = y + getattr(attn, f'{name}_bias')[...]
+    if cfg.use_qk_norm:
+        y = getattr(attn, f'{name}_norm')(y)
+    # The rope helpers take [B, T, ...]: the packed tokens are one row of T.
+    cos, sin = rope_cos_sin(cfg, positions[None], x.dtype)
+    return apply_rope(y[None], cos, sin)[0]
+
+
+def write_layer_kv(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax.Array,
+                   v_pages: jax.Array, batch: tuple) -> tuple[jax.Array, jax.Array]:
+    """The K/V half of `_attention`: writes the keys and values of x [T, D] into one layer's
+    pages [K, P, L, H] and returns them; no query, no attention."""
+    v = jnp.einsum('TD,DKH->TKH', x, attn.v[...])
+    if attn.cfg.attention_bias:
+        v = v + attn.v_bias[...]
+    return write_kv(k_pages, v_pages, _roped(attn, x, positions, 'k'), v, *batch)
+
+
 def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax.Array,
                v_pages: jax.Array, batch: tuple, impl: str | None, heads_axis: str | None,
                tokens_per_row: int = 1):
@@ -72,17 +96,8 @@ def _attention(attn: Attention, x: jax.Array, positions: jax.Array, k_pages: jax
     page_indices, cu_q_lens, num_seqs); tokens_per_row as in `ragged_paged_attention`.
     Returns [T, D] and the updated pages."""
     cfg = attn.cfg
-    q = jnp.einsum('TD,DNH->TNH', x, attn.q[...])
-    k = jnp.einsum('TD,DKH->TKH', x, attn.k[...])
-    v = jnp.einsum('TD,DKH->TKH', x, attn.v[...])
-    if cfg.attention_bias:
-        q, k, v = q + attn.q_bias[...], k + attn.k_bias[...], v + attn.v_bias[...]
-    if cfg.use_qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    # The rope helpers take [B, T, ...]: the packed tokens are one row of T.
-    cos, sin = rope_cos_sin(cfg, positions[None], x.dtype)
-    q, k = apply_rope(q[None], cos, sin)[0], apply_rope(k[None], cos, sin)[0]
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, *batch)
+    q = _roped(attn, x, positions, 'q')
+    k_pages, v_pages = write_layer_kv(attn, x, positions, k_pages, v_pages, batch)
     out = ragged_paged_attention(q, k_pages, v_pages, *batch, sm_scale=cfg.head_dim ** -0.5,
                                  impl=impl, tokens_per_row=tokens_per_row,
                                  heads_axis=heads_axis)  # [T, N, H]

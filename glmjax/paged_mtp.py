@@ -27,7 +27,7 @@ from glmjax.config import GlmConfig
 from glmjax.model import merge
 from glmjax.moe import MoE
 from glmjax.paged_attention import pages_shape, token_positions
-from glmjax.paged_inference import KVPages, _attention, _moe
+from glmjax.paged_inference import KVPages, _attention, _moe, write_layer_kv
 
 
 def init_mtp_pages(cfg: GlmConfig, num_pages: int, page_size: int,
@@ -45,6 +45,27 @@ def mtp_pages_bytes(cfg: GlmConfig, num_pages: int, page_size: int,
     return 2 * shape.size * jnp.dtype(dtype).itemsize
 
 
+def _inputs(cfg: GlmConfig, params: dict, hidden: jax.Array, next_tokens: jax.Array):
+    """The merged MTP module and its layer's input for the pairs (hidden [T, D],
+    next_tokens [T]): [T, D]."""
+    main, mtp = merge(cfg, params), merge(cfg, params, 'mtp')
+    e = mtp.enorm(main.embed[...][next_tokens])  # [T, D]
+    return mtp, jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1) @ mtp.eh_proj[...]
+
+
+def write_mtp_kv(cfg: GlmConfig, params: dict, hidden: jax.Array, next_tokens: jax.Array,
+                 positions: jax.Array, pages: KVPages, kv_lens: jax.Array,
+                 page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array
+                 ) -> KVPages:
+    """Only the K/V that `paged_mtp_hidden` writes for these pairs, with none of the layer
+    past its key and value projections: what keeps the MTP pages current at a position whose
+    MTP output nothing reads (a plain decode step of an engine that speculates)."""
+    mtp, x = _inputs(cfg, params, hidden, next_tokens)
+    k, v = write_layer_kv(mtp.layer.attn, mtp.layer.attn_norm(x), positions, pages.k[0],
+                          pages.v[0], (kv_lens, page_indices, cu_q_lens, num_seqs))
+    return pages.replace(k=(k,), v=(v,))
+
+
 def paged_mtp_hidden(cfg: GlmConfig, params: dict, hidden: jax.Array, next_tokens: jax.Array,
                      positions: jax.Array, pages: KVPages, kv_lens: jax.Array,
                      page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
@@ -56,11 +77,9 @@ def paged_mtp_hidden(cfg: GlmConfig, params: dict, hidden: jax.Array, next_token
     (what the lm_head reads, and what a further draft step feeds back), and the pages.
     The ragged batch (kv_lens, page_indices, cu_q_lens, num_seqs) is as in `paged_forward`,
     tokens_per_row as in `ragged_paged_attention`."""
-    main, mtp = merge(cfg, params), merge(cfg, params, 'mtp')
+    mtp, x = _inputs(cfg, params, hidden, next_tokens)
     batch = (kv_lens, page_indices, cu_q_lens, num_seqs)
     _, _, valid = token_positions(kv_lens, cu_q_lens, num_seqs, next_tokens.shape[0])
-    e = mtp.enorm(main.embed[...][next_tokens])  # [T, D]
-    x = jnp.concatenate([e, mtp.hnorm(hidden)], axis=-1) @ mtp.eh_proj[...]
     layer = mtp.layer
     h, k, v = _attention(layer.attn, layer.attn_norm(x), positions, pages.k[0], pages.v[0],
                          batch, attn_impl, pages.heads_axis, tokens_per_row)

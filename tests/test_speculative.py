@@ -15,7 +15,12 @@ import pytest
 from glmjax import GlmConfig, generate, hidden_states, mtp_forward
 from glmjax.model import abstract_params, merge
 from glmjax.paged_inference import init_pages
-from glmjax.paged_mtp import init_mtp_pages, paged_mtp_forward, paged_mtp_hidden
+from glmjax.paged_mtp import (
+    init_mtp_pages,
+    paged_mtp_forward,
+    paged_mtp_hidden,
+    write_mtp_kv,
+)
 from glmjax.sampling import (
     SamplingParams,
     apply_penalties,
@@ -98,6 +103,24 @@ def test_paged_mtp_matches_mtp_forward(params):
     last, _ = paged_mtp_forward(CFG, params, *args, pages, *batch)
     np.testing.assert_allclose(np.asarray(last), ref[[0, 1, 2], np.subtract(lengths, 1)],
                                rtol=0, atol=1e-5)
+
+
+def test_mtp_kv_alone_writes_what_the_whole_layer_writes(params):
+    """A plain decode step of a speculating engine writes only the MTP layer's K/V; the
+    drafts that follow read them, so they must be the whole layer's."""
+    rng = np.random.RandomState(1)
+    end = np.array([6, 1, 9])
+    index, cu = packed(range(3), np.zeros(3, int), end, 16)
+    r, p = np.array(index).T
+    args = (jnp.asarray(rng.normal(0, 1, (16, CFG.hidden_size)), jnp.float32),
+            jnp.asarray(rng.randint(0, CFG.vocab_size, 16), jnp.int32), jnp.asarray(p, jnp.int32))
+    batch = (jnp.asarray(end, jnp.int32), tables(), jnp.asarray(cu), jnp.array([3], jnp.int32))
+    fresh = functools.partial(init_mtp_pages, CFG, 1 + 3 * PAGES_PER_ROW, PAGE, jnp.float32)
+    _, whole = _mtp_logits(CFG, params, *args, fresh(), *batch)
+    alone = jax.jit(write_mtp_kv, static_argnums=0)(CFG, params, *args, fresh(), *batch)
+    for a, b in ((whole.k[0], alone.k[0]), (whole.v[0], alone.v[0])):
+        assert np.abs(np.asarray(b)).max() > 0.1  # something was written
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
 
 
 @functools.partial(jax.jit, static_argnums=0)

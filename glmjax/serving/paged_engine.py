@@ -73,7 +73,7 @@ from glmjax.config import GlmConfig
 from glmjax.model import merge
 from glmjax.paged_attention import choose_impl, token_positions
 from glmjax.paged_inference import KVPages, init_pages, paged_hidden
-from glmjax.paged_mtp import init_mtp_pages, paged_mtp_hidden
+from glmjax.paged_mtp import init_mtp_pages, paged_mtp_hidden, write_mtp_kv
 from glmjax.sampling import TOP_LOGPROBS, SamplingParams
 from glmjax.serving.engine import (
     MAX_STOP_IDS,
@@ -185,9 +185,10 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
               ) -> tuple[KVPages, KVPages | None, SlotState, StepOutput]:
     """`steps` decode steps of the R packed rows: slots [R] i32 (padding rows: max_batch),
     num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps].
-    num_drafts > 0 (an engine that speculates, on a call it decodes plainly): the MTP layer
-    follows each step, so its pages are current when speculation resumes, and drafts once
-    from the call's last step."""
+    num_drafts > 0 (an engine that speculates, on a call it decodes plainly): each step writes
+    its position's MTP K/V, so the MTP pages are current when speculation resumes, and the
+    whole MTP layer runs once, over the call's last pair, to draft; a plain call thus costs
+    little more than in an engine that never speculates."""
     R = slots.shape[0]
     live = jnp.arange(R) < num_seqs[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)  # [R, ...]
@@ -205,19 +206,22 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
         tokens = jnp.where(active, out.tokens, rows.tokens)
         pair = None
         if num_drafts:  # the MTP pair of this position (the last step's output drafts)
-            g, mtp_pages = paged_mtp_hidden(cfg, params, h, tokens, rows.lengths, mtp_pages,
-                                            rows.lengths + 1, page_indices, cu_q_lens,
-                                            num_seqs, attn_impl=attn_impl)
-            pair = (g, rows.lengths)
+            mtp_pages = write_mtp_kv(cfg, params, h, tokens, rows.lengths, mtp_pages,
+                                     rows.lengths + 1, page_indices, cu_q_lens, num_seqs)
+            pair = (h, tokens, rows.lengths)
         rows = rows.replace(tokens=tokens, lengths=rows.lengths + active,
                             done=rows.done | out.done, counts=counts, generated=generated)
         return (pages, mtp_pages, rows), (out, pair)
 
     (pages, mtp_pages, rows), (outs, pairs) = jax.lax.scan(step, (pages, mtp_pages, rows), None,
                                                            length=steps)
-    if num_drafts:
-        drafts, mtp_pages = draft(cfg, params, mtp_pages, pairs[0][-1], pairs[1][-1],
-                                  page_indices, num_seqs, num_drafts, attn_impl=attn_impl)
+    if num_drafts:  # the whole MTP layer over the last pair only (it rewrites its K/V)
+        h, tokens, lengths = jax.tree.map(lambda x: x[-1], pairs)
+        g, mtp_pages = paged_mtp_hidden(cfg, params, h, tokens, lengths, mtp_pages,
+                                        lengths + 1, page_indices, cu_q_lens, num_seqs,
+                                        attn_impl=attn_impl)
+        drafts, mtp_pages = draft(cfg, params, mtp_pages, g, lengths, page_indices, num_seqs,
+                                  num_drafts, attn_impl=attn_impl)
         rows = rows.replace(drafts=drafts)
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
