@@ -1,6 +1,7 @@
 """MTP speculative decoding, the device side: the MTP layer drafts, the main model verifies,
 exact rejection sampling accepts. Pure functions over R rows, for a decode step to call:
-`speculative_step` (one whole step), or its parts `verify_forward`, `verify` and `propose`.
+`speculative_step` (one whole step), or its parts `verify_forward`, `verify` and `propose`;
+`redraft` drafts where plain decode steps wrote only the MTP layer's K/V.
 
 Letters as in glmjax/layers.py, plus R rows, M pages per row, k drafts per row, J = k + 1
 verified positions. A row at a step boundary has its main K/V at positions 0..n-1 (n = its
@@ -260,6 +261,22 @@ def propose(cfg: GlmConfig, params: dict, pages: KVPages, hidden: jax.Array,
                                   cu, num_seqs, attn_impl=attn_impl, tokens_per_row=W)
     return draft(cfg, params, pages, out[cu[1:] - 1], start + q_lens - 1, page_indices,
                  num_seqs, num_drafts, attn_impl=attn_impl)
+
+
+def redraft(cfg: GlmConfig, params: dict, pages: KVPages, hidden: jax.Array, tokens: jax.Array,
+            lengths: jax.Array, stale: jax.Array, page_indices: jax.Array, num_seqs: jax.Array,
+            num_drafts: int, *, attn_impl: str | None = None) -> tuple[jax.Array, KVPages]:
+    """Drafts [R, num_drafts] for rows whose last pair has K/V in the MTP pages but no draft
+    made from it (stale [R]): the MTP layer over that pair, (hidden [R, D], the token after
+    it, tokens [R]) at position lengths - 1, then `draft`. Other rows write no pair; their
+    entries are garbage. Returns (drafts, pages)."""
+    cu, index = _ragged(stale.astype(jnp.int32), 1)
+    position = lengths - 1
+    out, pages = paged_mtp_hidden(cfg, params, _pack(hidden[:, None], index),
+                                  _pack(tokens[:, None], index), _pack(position[:, None], index),
+                                  pages, lengths, page_indices, cu, num_seqs, attn_impl=attn_impl)
+    return draft(cfg, params, pages, _unpack(out, index)[:, 0], position, page_indices, num_seqs,
+                 num_drafts, attn_impl=attn_impl)
 
 
 def draft(cfg: GlmConfig, params: dict, pages: KVPages, last: jax.Array, position: jax.Array,

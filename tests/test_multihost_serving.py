@@ -25,7 +25,7 @@ from glmjax.serving.server import load_model
 from glmjax.serving.service import GlmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_BATCH, MAX_SEQ_LEN, STEPS = 8, 128, 4
+MAX_BATCH, MAX_SEQ_LEN, STEPS = 4, 128, 4
 TIMEOUT = 120  # seconds: every wait is bounded
 
 

@@ -225,10 +225,13 @@ def run_logged(eng, prompts, news):
 
 def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prompts, plain):
     """speculative_max_batch=2: while three or four sequences decode, calls are plain (the
-    MTP layer following); once two are freed, speculation resumes with current drafts,
-    which are accepted. The tokens are the plain engine's throughout."""
+    MTP layer's K/V following); once two are freed, speculation resumes with drafts made
+    from the last plain step's pair, which are accepted from its first step on. The tokens
+    are the plain engine's throughout."""
     eng = engine(demo, 3, speculative_max_batch=2)
     news = [NEW, NEW, 8, 8]
+    fetched, count = [], eng._count_accepted
+    eng._count_accepted = lambda accepted: (fetched.append(accepted), count(accepted))
     out, calls = run_logged(eng, prompts, news)
     assert out == [p[:n] for p, n in zip(plain, news)]
     assert not any(spec for running, spec in calls if running > 2), calls
@@ -237,6 +240,8 @@ def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prom
     eng._fetch(keep=0)
     m = eng.metrics()
     assert m['spec_decode_num_drafts'] > 0 and m['spec_decode_num_accepted_tokens'] > 0
+    # The first speculative call's first step (stale drafts would accept nothing there).
+    assert fetched[0][:2, 0].tolist() == [1, 1], fetched[0]
 
 
 def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatch):

@@ -33,6 +33,7 @@ from glmjax.speculative import (
     SpecRows,
     _targets,
     propose,
+    redraft,
     speculative_step,
     verify,
     verify_forward,
@@ -177,6 +178,46 @@ def test_propose_equals_a_chain_without_cache(params):
                          jnp.asarray(nxt[rows, idx]), jnp.full((3,), 2, jnp.int32),
                          jnp.asarray(head, jnp.int32), tables(), live, K_MAX)
     assert np.asarray(drafts).tolist() == ref.tolist()
+
+
+def test_redraft_after_plain_steps_equals_the_chain(params):
+    """After plain decode steps (the MTP pairs' K/V written, no drafts), `redraft` drafts
+    stale rows from their last pair as a chain without cache would; a row that is not stale
+    writes no pair."""
+    seqs = [p + [60 + i] for i, p in enumerate(PROMPTS)]
+    n = np.array([len(s) - 1 for s in seqs])
+    tokens = np.zeros((3, 16), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    h = np.asarray(hidden_states(CFG, params, jnp.asarray(tokens)))
+    nxt = np.concatenate([tokens[:, 1:], np.zeros((3, 1), np.int32)], 1)
+    ref = reference_drafts(params, h, nxt, n, K_MAX)
+    pages = init_mtp_pages(CFG, 1 + 3 * PAGES_PER_ROW, PAGE, jnp.float32)
+    live, rows = jnp.array([3], jnp.int32), np.arange(3)
+    _, pages = _propose(CFG, params, pages, jnp.asarray(h[:, :WIDTH]),
+                        jnp.asarray(nxt[:, :WIDTH]), jnp.asarray(n - 1, jnp.int32),
+                        jnp.zeros(3, jnp.int32), tables(), live, K_MAX)
+    # The last plain step: only the K/V of the pair at n - 1.
+    last = (jnp.asarray(h[rows, n - 1]), jnp.asarray(tokens[rows, n]))
+    pages = jax.jit(write_mtp_kv, static_argnums=0)(
+        CFG, params, *last, jnp.asarray(n - 1, jnp.int32), pages, jnp.asarray(n, jnp.int32),
+        tables(), jnp.arange(4, dtype=jnp.int32), live)
+    stale = jnp.array([True, False, True])
+    table = np.asarray(tables())
+    where = (table[1, np.arange(n[1]) // PAGE], np.arange(n[1]) % PAGE)  # row 1's positions
+    before = np.asarray(pages.k[0])[:, where[0], where[1]]
+    at = (table[0, (n[0] - 1) // PAGE], (n[0] - 1) % PAGE)  # row 0's last pair
+    pair = np.asarray(pages.k[0])[:, at[0], at[1]]
+    # Row 1's pair at n - 1 is replaced first: a write would put it back.
+    pages = pages.replace(k=(pages.k[0].at[:, where[0][-1], where[1][-1]].set(0.0),),)
+    drafts, pages = jax.jit(redraft, static_argnums=(0, 9))(
+        CFG, params, pages, *last, jnp.asarray(n, jnp.int32), stale, tables(), live, K_MAX)
+    assert np.asarray(drafts)[[0, 2]].tolist() == ref[[0, 2]].tolist()
+    after = np.asarray(pages.k[0])[:, where[0], where[1]]
+    np.testing.assert_array_equal(after[:, :-1], before[:, :-1])
+    assert not after[:, -1].any()
+    # A stale row's pair is written again, as the plain step wrote it (same position).
+    np.testing.assert_allclose(np.asarray(pages.k[0])[:, at[0], at[1]], pair, rtol=0, atol=1e-6)
 
 
 # --- verification ---

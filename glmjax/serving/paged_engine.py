@@ -51,7 +51,9 @@ accepted run plus one token, draft the next k with the MTP layer, whose pages sh
 pages' tables. Each call may add k + 1 positions per step, so that is what is reserved; the
 bound a row's reservation follows is tightened to what it emitted once its tokens are fetched.
 Mixed steps run the MTP layer over their positions too (its pages keep up) and leave each row
-its drafts, but are single-token steps themselves.
+its drafts, but are single-token steps themselves. A plain decode call (the measured rule, or
+speculative_max_batch) writes only the MTP layer's K/V and leaves the drafting to the next
+speculative call (SlotState.stale), so it costs about what it costs without speculation.
 
 On a mesh the Pallas kernels run per device over its kv heads (paged_attention._over_heads).
 """
@@ -66,6 +68,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh
 
 from glmjax.cache import kv_bytes_per_token
@@ -97,7 +100,7 @@ from glmjax.sharding.rules import (
     pages_shardings,
     with_shardings,
 )
-from glmjax.speculative import SpecRows, draft, speculative_step
+from glmjax.speculative import SpecRows, draft, redraft, speculative_step
 from glmjax.token_mask import bitmask_words
 
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
@@ -125,10 +128,15 @@ def device_memory(devices) -> list[tuple[int, int]] | None:
     return [(int(s['bytes_limit']), int(s.get('bytes_in_use', 0))) for s in stats]
 
 
-# Per-slot decode state, [B] = [max_batch] rows: what sampling reads and advances, plus each
-# slot's drafts ([B, k], k = 0 without speculation), which is what a speculative step
-# reads and returns.
-SlotState = SpecRows
+@struct.dataclass
+class SlotState(SpecRows):
+    """Per-slot decode state, [B] = [max_batch] rows: what sampling reads and advances, plus
+    each slot's drafts ([B, k], k = 0 without speculation), which is what a speculative step
+    reads and returns. A plain decode call of a speculating engine writes only the MTP
+    layer's K/V; it leaves its last pair's main hidden state (after the final norm) and
+    marks the drafts stale, and the next speculative call drafts from that pair first."""
+    pair_hidden: jax.Array  # [B, D] (D = 0 without speculation)
+    stale: jax.Array  # [B] bool
 
 
 @dataclasses.dataclass
@@ -141,10 +149,12 @@ class _Filling:
     first: bool
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _empty_state(batch: int, vocab: int, num_drafts: int) -> SlotState:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _empty_state(batch: int, vocab: int, num_drafts: int, hidden: int, dtype) -> SlotState:
     B, V = batch, vocab
     return SlotState(
+        pair_hidden=jnp.zeros((B, hidden if num_drafts else 0), dtype),
+        stale=jnp.zeros((B,), bool),
         tokens=jnp.zeros((B,), jnp.int32), lengths=jnp.zeros((B,), jnp.int32),
         done=jnp.ones((B,), bool), generated=jnp.zeros((B,), jnp.int32),
         max_new=jnp.zeros((B,), jnp.int32), stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
@@ -187,7 +197,7 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
     num_seqs [1] live rows, page_indices [R, M]. Returns outputs [max_batch, steps].
     num_drafts > 0 (an engine that speculates, on a call it decodes plainly): each step writes
     its position's MTP K/V, so the MTP pages are current when speculation resumes, and the
-    whole MTP layer runs once, over the call's last pair, to draft; a plain call thus costs
+    rows keep their last pair for the drafts (SlotState.stale): a plain call thus costs
     little more than in an engine that never speculates."""
     R = slots.shape[0]
     live = jnp.arange(R) < num_seqs[0]
@@ -208,21 +218,16 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
         if num_drafts:  # the MTP pair of this position (the last step's output drafts)
             mtp_pages = write_mtp_kv(cfg, params, h, tokens, rows.lengths, mtp_pages,
                                      rows.lengths + 1, page_indices, cu_q_lens, num_seqs)
-            pair = (h, tokens, rows.lengths)
+            pair = h
         rows = rows.replace(tokens=tokens, lengths=rows.lengths + active,
                             done=rows.done | out.done, counts=counts, generated=generated)
         return (pages, mtp_pages, rows), (out, pair)
 
     (pages, mtp_pages, rows), (outs, pairs) = jax.lax.scan(step, (pages, mtp_pages, rows), None,
                                                            length=steps)
-    if num_drafts:  # the whole MTP layer over the last pair only (it rewrites its K/V)
-        h, tokens, lengths = jax.tree.map(lambda x: x[-1], pairs)
-        g, mtp_pages = paged_mtp_hidden(cfg, params, h, tokens, lengths, mtp_pages,
-                                        lengths + 1, page_indices, cu_q_lens, num_seqs,
-                                        attn_impl=attn_impl)
-        drafts, mtp_pages = draft(cfg, params, mtp_pages, g, lengths, page_indices, num_seqs,
-                                  num_drafts, attn_impl=attn_impl)
-        rows = rows.replace(drafts=drafts)
+    if num_drafts:  # drafting waits for a speculative call (`_speculate` runs `redraft`)
+        rows = rows.replace(pair_hidden=pairs[-1].astype(rows.pair_hidden.dtype),
+                            stale=jnp.ones_like(rows.stale))
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
     return pages, mtp_pages, state, _scatter_outputs(state, slots, outs)
@@ -302,7 +307,7 @@ def _mixed_sample(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts:
     rows = rows.replace(tokens=jnp.where(active, out.tokens, rows.tokens),
                         lengths=jnp.where(decoding, rows.lengths + active, kv_lens),
                         done=rows.done | out.done, counts=counts, generated=generated,
-                        drafts=drafts)
+                        drafts=drafts, stale=jnp.zeros_like(rows.stale))
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     pad = lambda x: jnp.zeros((R, steps) + x.shape[1:], x.dtype).at[:, 0].set(x)  # noqa: E731
     return mtp_pages, state, _scatter_outputs(state, slots, jax.tree.map(pad, out))
@@ -320,6 +325,19 @@ def _speculate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, 
     each step accepted, [max_batch, steps] (-1: the row did not decode)."""
     R, B = slots.shape[0], state.tokens.shape[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
+    stale = rows.stale & (jnp.arange(R) < num_seqs[0])
+
+    def fresh(mtp_pages):  # after plain calls: the drafts of their last pairs
+        drafts, mtp_pages = redraft(cfg, params, mtp_pages, rows.pair_hidden, rows.tokens,
+                                    rows.lengths, stale, page_indices, num_seqs,
+                                    rows.drafts.shape[1], attn_impl=attn_impl)
+        return jnp.where(stale[:, None], drafts, rows.drafts), mtp_pages
+
+    # Taken only after plain calls; there XLA copies the MTP pool (its conditional's buffers),
+    # a pool of one layer.
+    drafts, mtp_pages = jax.lax.cond(jnp.any(stale), fresh, lambda m: (rows.drafts, m),
+                                     mtp_pages)
+    rows = rows.replace(drafts=drafts, stale=jnp.zeros_like(stale))
 
     def step(carry, _):
         pages, mtp_pages, rows = carry
@@ -543,7 +561,8 @@ class PagedEngine(Engine):
                 out_shardings=self._mtp_sharding)(
                 self.cfg, self.num_pages, self.page_size, self.dtype, self.heads_axis)
             self.state = self.layout.put(_empty_state(self.max_batch, self.vocab_size,
-                                                      self.num_drafts))
+                                                      self.num_drafts, self.cfg.hidden_size,
+                                                      self.dtype))
         self.manager = PageManager(self.num_pages, self.page_size, self.max_pages_per_seq,
                                    self.prefix_caching)
         B = self.max_batch
