@@ -152,8 +152,10 @@ _propose = jax.jit(propose, static_argnums=(0, 9), donate_argnames='pages')
 K_MAX, WIDTH = 3, 12  # the shapes of every _propose call
 
 
-def test_propose_equals_a_chain_without_cache(params):
-    seqs = [p + [60 + i] for i, p in enumerate(PROMPTS)]  # the prompt and a first token
+def chain_case(params):
+    """Each prompt with a first token: (tokens [3, 16], n [3]: each row's last position, main
+    hidden states [3, 16, D], the token after each [3, 16], reference drafts [3, K_MAX])."""
+    seqs = [p + [60 + i] for i, p in enumerate(PROMPTS)]
     n = np.array([len(s) - 1 for s in seqs])
     tokens = np.zeros((3, 16), np.int32)
     for i, s in enumerate(seqs):
@@ -161,6 +163,11 @@ def test_propose_equals_a_chain_without_cache(params):
     h = np.asarray(hidden_states(CFG, params, jnp.asarray(tokens)))
     nxt = np.concatenate([tokens[:, 1:], np.zeros((3, 1), np.int32)], 1)
     ref = reference_drafts(params, h, nxt, n, K_MAX)
+    return tokens, n, h, nxt, ref
+
+
+def test_propose_equals_a_chain_without_cache(params):
+    _, n, h, nxt, ref = chain_case(params)
     # The output at the last pair equals mtp_forward's, which test_paged_mtp checks.
     logits = np.asarray(mtp_forward(CFG, params, jnp.asarray(h), jnp.asarray(nxt)))
     assert (logits[np.arange(3), n - 1].argmax(-1) == ref[:, 0]).all()
@@ -184,14 +191,7 @@ def test_redraft_after_plain_steps_equals_the_chain(params):
     """After plain decode steps (the MTP pairs' K/V written, no drafts), `redraft` drafts
     stale rows from their last pair as a chain without cache would; a row that is not stale
     writes no pair."""
-    seqs = [p + [60 + i] for i, p in enumerate(PROMPTS)]
-    n = np.array([len(s) - 1 for s in seqs])
-    tokens = np.zeros((3, 16), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    h = np.asarray(hidden_states(CFG, params, jnp.asarray(tokens)))
-    nxt = np.concatenate([tokens[:, 1:], np.zeros((3, 1), np.int32)], 1)
-    ref = reference_drafts(params, h, nxt, n, K_MAX)
+    tokens, n, h, nxt, ref = chain_case(params)
     pages = init_mtp_pages(CFG, 1 + 3 * PAGES_PER_ROW, PAGE, jnp.float32)
     live, rows = jnp.array([3], jnp.int32), np.arange(3)
     _, pages = _propose(CFG, params, pages, jnp.asarray(h[:, :WIDTH]),
