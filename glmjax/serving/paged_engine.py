@@ -215,7 +215,7 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
                                          rows.max_new, rows.stop_ids, active)
         tokens = jnp.where(active, out.tokens, rows.tokens)
         pair = None
-        if num_drafts:  # the MTP pair of this position (the last step's output drafts)
+        if num_drafts:  # the MTP pair of this position (the last step's is kept to draft)
             mtp_pages = write_mtp_kv(cfg, params, h, tokens, rows.lengths, mtp_pages,
                                      rows.lengths + 1, page_indices, cu_q_lens, num_seqs)
             pair = h
@@ -325,7 +325,8 @@ def _speculate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, 
     each step accepted, [max_batch, steps] (-1: the row did not decode)."""
     R, B = slots.shape[0], state.tokens.shape[0]
     rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode='clip'), state)
-    stale = rows.stale & (jnp.arange(R) < num_seqs[0])
+    # A done row needs no drafts, and its last pair would overwrite the one before it.
+    stale = rows.stale & ~rows.done & (jnp.arange(R) < num_seqs[0])
 
     def fresh(mtp_pages):  # after plain calls: the drafts of their last pairs
         drafts, mtp_pages = redraft(cfg, params, mtp_pages, rows.pair_hidden, rows.tokens,
