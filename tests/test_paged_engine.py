@@ -300,24 +300,28 @@ def test_choose_budget_takes_the_largest_step_no_dearer_than_a_decode_call():
 
 def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     """Made without a budget, the engine times a decode call of its 4 rows and mixed steps
-    of 32 and 64 tokens (each run for real, on the scratch page; costs faked here: 1 s and
-    T / 32 s), stops at 64, the first dearer than the decode call, and takes 32; then it
-    computes prompts in steps of up to 32 tokens with the same tokens as `generate`, and
-    warm-up left nothing in the pool or the decode state."""
+    of 32 and 64 tokens, each beside a decode call (each run for real, on the scratch page;
+    costs faked here: 1 s and T / 32 s), stops at 64, the first dearer than the decode call,
+    and takes 32; then it computes prompts in steps of up to 32 tokens with the same tokens
+    as `generate`, and warm-up left nothing in the pool or the decode state."""
     cfg, params = model
     timed = []
 
-    def seconds(self, kind, tokens, run):
-        out = jax.block_until_ready(run())
-        timed.append((kind, tokens, out is not None))
-        return 1.0 if kind == 'decode' else tokens / 32
+    def seconds(self, runs):
+        # Each run's output, and where its rows are after it: a decode call's at position 0
+        # (the mixed step before it left 32 or 64 in row 0; done rows stay where they are).
+        timed.append([(name, jax.block_until_ready(run()) is not None,
+                       int(np.asarray(self.state.lengths).max())) for name, run in runs.items()])
+        return {name: 1.0 if name == 'decode' else int(name.split()[1]) / 32 for name in runs}
 
     monkeypatch.setattr(PagedEngine, '_seconds', seconds)
     eng = engine(model, max_num_batched_tokens=None)
     assert eng.max_num_batched_tokens == 16 and eng.token_buckets == (16,)  # until measured
     calls = []
     eng.warmup(lambda done, total: calls.append((done, total)))
-    assert timed == [('decode', 4, True), ('mixed', 32, True), ('mixed', 64, True)]
+    # Each step beside a decode call, timed in turn.
+    assert timed == [[('decode', True, 0)], [('decode', True, 0), ('mixed 32', True, 32)],
+                     [('decode', True, 0), ('mixed 64', True, 64)]]
     assert eng.max_num_batched_tokens == 32 and eng.token_buckets == (16, 32)
     assert eng.budget_timings == {'decode': 1.0, 'mixed 32': 1.0, 'mixed 64': 2.0}
     # 3 sizes (16 .. 64: up to one whole prompt) and 3 row buckets.
@@ -325,6 +329,17 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     ps = prompts([40, 7, 33, 16], seed=3)
     assert run(eng, ps, greedy(4, 10)) == generate(cfg, params, ps, 10, stop_ids=())
+
+
+def test_seconds_times_its_runs_in_turn_and_keeps_each_ones_fastest():
+    """So that a slow phase of the machine reaches each run alike: a first call of each,
+    then BUDGET_TIMINGS rounds of one call each, in order."""
+    import glmjax.serving.paged_engine as paged_engine
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in ('a', 'b')}
+    got = PagedEngine._seconds(None, runs)
+    assert calls == ['a', 'b'] * (1 + paged_engine.BUDGET_TIMINGS)
+    assert list(got) == ['a', 'b'] and all(0 < t < 1 for t in got.values())
 
 
 def test_embed_is_the_normalised_mean_of_the_hidden_states(model):

@@ -251,16 +251,17 @@ def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatc
     plain and calls of one speculate. The tokens are the plain engine's throughout."""
     timed = []
 
-    def seconds(self, kind, rows, run):
-        jax.block_until_ready(run())
-        timed.append((kind, rows))
-        return 100.0 if (kind, rows) == ('speculative', 2) else 1.0
+    def seconds(self, runs):
+        for run in runs.values():
+            jax.block_until_ready(run())
+        timed.append(list(runs))
+        return {name: 100.0 if name == 'speculative 2' else 1.0 for name in runs}
 
     monkeypatch.setattr(PagedEngine, '_seconds', seconds)
     eng = engine(demo, 2, max_batch=2)
     assert eng.measures_speculation and eng.row_buckets == (1, 2)
     eng.warmup()
-    assert timed == [(kind, rows) for rows in (1, 2) for kind in ('speculative', 'plain')]
+    assert timed == [[f'speculative {rows}', f'plain {rows}'] for rows in (1, 2)]  # in turn
     assert eng.spec_cost == {1: 1.0, 2: 100.0}
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     news = [24, NEW]

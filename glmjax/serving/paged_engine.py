@@ -966,19 +966,27 @@ class PagedEngine(Engine):
         self.state = self.state.replace(tokens=self.layout.put(ids[:B]))
         decode = (np.arange(B, dtype=np.int32), np.array([B], np.int32),
                   np.zeros((B, M), np.int32))
-        timings = {'decode': self._seconds('decode', B, lambda: self._run_decode(
-            decode, self._speculates(B)))}
+
+        def decode_call():
+            # Every row at position 0, as at the first timing: a mixed step timed beside it
+            # leaves its chunk's length in row 0.
+            self.state = self.state.replace(lengths=self.layout.put(np.zeros(B, np.int32)))
+            return self._run_decode(decode, self._speculates(B))
+
+        timings = self._seconds({'decode': decode_call})
 
         def mixed(T: int) -> float:
             host = list(self._empty_mixed(T))
             host[0], host[1][0], host[2][1:] = ids[:T], 0, T  # slot 0: T tokens from 0
             host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
-            timings[f'mixed {T}'] = self._seconds(
-                'mixed', T, lambda: self._run_mixed(tuple(host), None))
+            pair = self._seconds({'decode': decode_call,
+                                  f'mixed {T}': lambda: self._run_mixed(tuple(host), None)})
+            timings[f'mixed {T}'] = pair[f'mixed {T}']
+            timings['decode'] = min(timings['decode'], pair['decode'])
             tick()  # a bucket past the first size: compiled here
-            return timings[f'mixed {T}']
+            return pair[f'mixed {T}'] / pair['decode']
 
-        budget = choose_budget(timings['decode'], mixed, sizes)
+        budget = choose_budget(1.0, mixed, sizes)  # each step against a decode call beside it
         self.max_num_batched_tokens, self.token_buckets = budget, token_buckets(budget)
         self.budget_timings = timings
 
@@ -992,23 +1000,26 @@ class PagedEngine(Engine):
         for rows in self.row_buckets:  # a measuring engine has no speculative_max_batch
             host = (np.arange(rows, dtype=np.int32), np.array([rows], np.int32),
                     np.zeros((rows, M), np.int32))
-            spec, plain = (self._seconds(kind, rows, functools.partial(self._run_decode, host, s))
-                           for kind, s in (('speculative', True), ('plain', False)))
-            self.spec_cost[rows] = spec / plain
+            t = self._seconds({f'{kind} {rows}': functools.partial(self._run_decode, host, s)
+                               for kind, s in (('speculative', True), ('plain', False))})
+            self.spec_cost[rows] = t[f'speculative {rows}'] / t[f'plain {rows}']
 
-    def _seconds(self, kind: str, tokens: int, run: Callable[[], object]) -> float:
-        """The fastest of BUDGET_TIMINGS runs of a step (`kind` 'decode' or 'mixed' of
-        `tokens` rows or tokens, or a decode call of `tokens` rows, 'speculative' or
-        'plain') after a first one; the largest over processes, so that every process
-        chooses the same."""
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(BUDGET_TIMINGS):
-            start = time.perf_counter()
+    def _seconds(self, runs: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Seconds of each named run (a mixed step or a decode call): the fastest of
+        BUDGET_TIMINGS timings after a first run. The runs are timed in turn, so that a slow
+        phase of the machine reaches each of them alike: what warm-up uses is their ratio.
+        Each the largest over processes, so that every process chooses the same."""
+        for run in runs.values():
             jax.block_until_ready(run())
-            times.append(time.perf_counter() - start)
-        seconds = min(times)
+        best = dict.fromkeys(runs, np.inf)
+        for _ in range(BUDGET_TIMINGS):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                jax.block_until_ready(run())
+                best[name] = min(best[name], time.perf_counter() - start)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            seconds = float(np.max(multihost_utils.process_allgather(np.float64(seconds))))
-        return seconds
+            slowest = np.max(multihost_utils.process_allgather(
+                np.array(list(best.values()), np.float64)), axis=0)
+            best = dict(zip(best, map(float, slowest)))
+        return best
