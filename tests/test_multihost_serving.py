@@ -133,9 +133,11 @@ def test_two_processes_serve_like_one(pair):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda r: tokens(pair.stub, r), reqs))
 
-    # The same requests on a single-process server over one device.
+    # The same requests on a single-process server over one device, plain, with the
+    # smallest token budget (its warm-up compiles one mixed step): neither changes a token.
     cfg, params, tok, _ = load_model()  # glmjax-serve's embedded default, as the pair's
-    single = GlmServer(PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS), tok, cfg,
+    single = GlmServer(PagedEngine(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS,
+                                   max_num_batched_tokens=16), tok, cfg,
                        'single', 32).start()
     try:
         single.warmup()
