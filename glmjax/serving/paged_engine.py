@@ -214,20 +214,18 @@ def _generate(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int
                                          rows.counts, rows.prompt_mask, rows.generated,
                                          rows.max_new, rows.stop_ids, active)
         tokens = jnp.where(active, out.tokens, rows.tokens)
-        pair = None
         if num_drafts:  # the MTP pair of this position (the last step's is kept to draft)
             mtp_pages = write_mtp_kv(cfg, params, h, tokens, rows.lengths, mtp_pages,
                                      rows.lengths + 1, page_indices, cu_q_lens, num_seqs)
-            pair = h
+            rows = rows.replace(pair_hidden=h.astype(rows.pair_hidden.dtype))
         rows = rows.replace(tokens=tokens, lengths=rows.lengths + active,
                             done=rows.done | out.done, counts=counts, generated=generated)
-        return (pages, mtp_pages, rows), (out, pair)
+        return (pages, mtp_pages, rows), out
 
-    (pages, mtp_pages, rows), (outs, pairs) = jax.lax.scan(step, (pages, mtp_pages, rows), None,
-                                                           length=steps)
+    (pages, mtp_pages, rows), outs = jax.lax.scan(step, (pages, mtp_pages, rows), None,
+                                                  length=steps)
     if num_drafts:  # drafting waits for a speculative call (`_speculate` runs `redraft`)
-        rows = rows.replace(pair_hidden=pairs[-1].astype(rows.pair_hidden.dtype),
-                            stale=jnp.ones_like(rows.stale))
+        rows = rows.replace(stale=jnp.ones_like(rows.stale))
     state = jax.tree.map(lambda big, r: big.at[slots].set(r, mode='drop'), state, rows)
     outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)  # [R, steps, ...]
     return pages, mtp_pages, state, _scatter_outputs(state, slots, outs)
