@@ -302,8 +302,10 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     """Made without a budget, the engine times a decode call of its 4 rows and mixed steps
     of 32 and 64 tokens, each beside a decode call (each run for real, on the scratch page;
     costs faked here: 1 s and T / 32 s), stops at 64, the first dearer than the decode call,
-    and takes 32; then it computes prompts in steps of up to 32 tokens with the same tokens
-    as `generate`, and warm-up left nothing in the pool or the decode state."""
+    and takes 32; it times that step at the deepest context to count a prompt token's
+    context; then it computes prompts in steps of up to 32 tokens, fewer deeper in a prompt,
+    with the same tokens as `generate`, and warm-up left nothing in the pool or the decode
+    state."""
     cfg, params = model
     timed = []
 
@@ -312,23 +314,47 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
         # (the mixed step before it left 32 or 64 in row 0; done rows stay where they are).
         timed.append([(name, jax.block_until_ready(run()) is not None,
                        int(np.asarray(self.state.lengths).max())) for name, run in runs.items()])
-        return {name: 1.0 if name == 'decode' else int(name.split()[1]) / 32 for name in runs}
+        # The step of 32 tokens at context 32 (the deepest: max_seq_len 64) costs twice the
+        # same step at context 0: a prompt token at context c counts 1 + c / 32.
+        cost = {'decode': 1.0, 'at 0': 1.0, 'deep': 2.0}
+        return {name: cost.get(name) or int(name.split()[1]) / 32 for name in runs}
 
     monkeypatch.setattr(PagedEngine, '_seconds', seconds)
     eng = engine(model, max_num_batched_tokens=None)
     assert eng.max_num_batched_tokens == 16 and eng.token_buckets == (16,)  # until measured
     calls = []
     eng.warmup(lambda done, total: calls.append((done, total)))
-    # Each step beside a decode call, timed in turn.
+    # Each step beside a decode call, timed in turn; then the budget's step at context 0
+    # and at the deepest context.
     assert timed == [[('decode', True, 0)], [('decode', True, 0), ('mixed 32', True, 32)],
-                     [('decode', True, 0), ('mixed 64', True, 64)]]
+                     [('decode', True, 0), ('mixed 64', True, 64)],
+                     [('decode', True, 0), ('at 0', True, 32), ('deep', True, 64)]]
     assert eng.max_num_batched_tokens == 32 and eng.token_buckets == (16, 32)
-    assert eng.budget_timings == {'decode': 1.0, 'mixed 32': 1.0, 'mixed 64': 2.0}
+    assert eng.budget_timings == {'decode': 1.0, 'mixed 32': 1.0, 'mixed 64': 2.0,
+                                  'mixed 32 at 32': 2.0}
+    assert eng.budget_ratios == {32: 1.0, 64: 2.0} and eng.context_tokens == 32.0
+    from glmjax.serving.server import budget_line
+    assert budget_line(eng) == (
+        '--max_num_batched_tokens 32, measured: a decode call of 4 sequences 1000.0 ms; steps '
+        'of 32 / 64 tokens 1000.0 / 2000.0 ms (1.00 / 2.00 of a decode call timed beside '
+        'each); a prompt token at context c counts 1 + c / 32 tokens (a step of 32 tokens at '
+        'context 32: 2000.0 ms)')
+    # A chunk from position 32 takes half the tokens of one from 0, and counts them twice;
+    # deeper, at least the smallest bucket's 16 tokens.
+    assert [eng._chunk_stop(start, 32) for start in (0, 32, 96)] == [32, 48, 112]
+    assert eng._chunk_cost(32, 48) == 32 and eng._chunk_cost(0, 20) == 20
+    chunks = []
+    plan = eng._chunks
+    monkeypatch.setattr(eng, '_chunks', lambda *a: chunks.append(plan(*a)) or chunks[-1])
     # 3 sizes (16 .. 64: up to one whole prompt) and 3 row buckets.
     assert calls[-1] == (6, 6) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     ps = prompts([40, 7, 33, 16], seed=3)
     assert run(eng, ps, greedy(4, 10)) == generate(cfg, params, ps, 10, stop_ids=())
+    # (slot, start, stop) per mixed step. The second step's chunk from 32 counts 16 of
+    # the 32; the third's, from 9, gets 23 of the 30 left by two decoding rows.
+    assert [c for c in chunks if c] == [[(0, 0, 32)], [(0, 32, 40), (1, 0, 7), (2, 0, 9)],
+                                        [(2, 9, 32)], [(2, 32, 33), (3, 0, 16)]]
 
 
 def test_seconds_times_its_runs_in_turn_and_keeps_each_ones_fastest():

@@ -408,7 +408,8 @@ class PagedEngine(Engine):
     else enough for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch; None: measured by `warmup` (`choose_budget` on the token buckets from
-    max_batch up to max_seq_len and MAX_MEASURED_BUDGET; until then the smallest). `attn_impl`: a
+    max_batch up to max_seq_len and MAX_MEASURED_BUDGET; until then the smallest), and a
+    prompt token then counts more the deeper it is in its prompt (`_measure_context`). `attn_impl`: a
     paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
     must have its MTP layer); its pages come out of the same pool budget.
@@ -490,8 +491,14 @@ class PagedEngine(Engine):
         self.spec_accepted_per_pos = np.zeros(speculative_tokens, np.int64)
         self.last_rows = 0  # the row bucket of the last device call (tests, metrics)
         self.last_tokens = 0  # the token bucket of the last mixed step
-        # What warmup measured for the budget: a decode call's and each mixed step's seconds.
+        # What warmup measured for the budget: a decode call's and each mixed step's seconds,
+        # and each step's over the decode call timed beside it.
         self.budget_timings: dict[str, float] = {}
+        self.budget_ratios: dict[int, float] = {}
+        # With a measured budget, a chunk's token at context c counts 1 + c / context_tokens
+        # of it (`_chunk_stop`): a step's attention grows with its chunks' context, and the
+        # budget was measured at context 0. None: every token counts 1.
+        self.context_tokens: float | None = None
         self._seq_ids = itertools.count()
         self._all_allowed: dict[int, jax.Array] = {}
         self.reset()
@@ -689,12 +696,30 @@ class PagedEngine(Engine):
                 self._slot_seq[s], f.done = seq, cached
             seq = self._slot_seq[s]
             held = len(self.manager.page_table(seq)) + self.manager.pool.num_free
-            stop = min(len(f.tokens), f.done + budget, held * self.page_size)
+            stop = min(len(f.tokens), self._chunk_stop(f.done, budget), held * self.page_size)
             if stop <= f.done or not self.manager.reserve(seq, stop):
                 break
             chunks.append((s, f.done, stop))
-            budget -= stop - f.done
+            budget -= self._chunk_cost(f.done, stop)
         return chunks
+
+    def _chunk_cost(self, start: int, stop: int) -> int:
+        """Budget tokens of a chunk of positions start..stop: each token 1, plus its
+        attention over the context before the chunk (context_tokens)."""
+        if self.context_tokens is None:
+            return stop - start
+        return -(-int((stop - start) * (self.context_tokens + start)) //
+                 int(self.context_tokens))
+
+    def _chunk_stop(self, start: int, budget: int) -> int:
+        """Where a chunk from `start` ends within `budget` budget tokens: deep in a long
+        prompt a step takes fewer of its tokens, so that it costs about what the budget's
+        step does at the prompt's start. At least MIN_TOKEN_BUCKET tokens (or the budget
+        left), so that a prompt always advances."""
+        if self.context_tokens is None:
+            return start + budget
+        tokens = int(budget * self.context_tokens / (self.context_tokens + start))
+        return start + max(tokens, min(budget, MIN_TOKEN_BUCKET))
 
     def _preempt(self, slot: int) -> None:
         """Releases the slot's pages; it is recomputed from its tokens when pages are free."""
@@ -981,12 +1006,37 @@ class PagedEngine(Engine):
                                   f'mixed {T}': lambda: self._run_mixed(tuple(host), None)})
             timings[f'mixed {T}'] = pair[f'mixed {T}']
             timings['decode'] = min(timings['decode'], pair['decode'])
+            self.budget_ratios[T] = pair[f'mixed {T}'] / pair['decode']
             tick()  # a bucket past the first size: compiled here
-            return pair[f'mixed {T}'] / pair['decode']
+            return self.budget_ratios[T]
 
         budget = choose_budget(1.0, mixed, sizes)  # each step against a decode call beside it
         self.max_num_batched_tokens, self.token_buckets = budget, token_buckets(budget)
         self.budget_timings = timings
+        self.context_tokens = self._measure_context(budget, decode_call, ids)
+
+    def _measure_context(self, T: int, decode_call: Callable[[], object],
+                         ids: np.ndarray) -> float | None:
+        """The step of T tokens at the deepest context the engine holds (a chunk ending at
+        max_seq_len) against the same step at context 0, each beside a decode call: the
+        context c at which a chunk token's attention costs what the rest of its step's work
+        does, which `_chunk_cost` counts as 1 + c / context_tokens. None where the two cost
+        the same, or there is no context deeper than a step."""
+        B, M = self.max_batch, self.max_pages_per_seq
+        deep = self.max_seq_len - T
+        if deep < T:
+            return None
+
+        def step(start: int) -> Callable[[], object]:
+            host = list(self._empty_mixed(T))
+            host[0], host[1][0], host[2][1:], host[3][0] = ids[:T], 0, T, start
+            host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
+            return lambda: self._run_mixed(tuple(host), None)
+
+        t = self._seconds({'decode': decode_call, 'at 0': step(0), 'deep': step(deep)})
+        self.budget_timings[f'mixed {T} at {deep}'] = t['deep']
+        at_0, at_deep = t['at 0'] / t['decode'], t['deep'] / t['decode']
+        return deep * at_0 / (at_deep - at_0) if at_deep > at_0 else None
 
     def _measure_speculation(self) -> None:
         """Sets spec_cost: per row bucket, a speculative decode call's seconds over a plain

@@ -194,13 +194,22 @@ def _mesh(processes: int) -> jax.sharding.Mesh | None:
 
 def budget_line(engine: PagedEngine) -> str:
     """What warm-up measured for the token budget, in a line."""
-    timings = dict(engine.budget_timings)
+    ms = {k: v * 1e3 for k, v in engine.budget_timings.items()}
     line = (f'--max_num_batched_tokens {engine.max_num_batched_tokens}, measured: a decode '
-            f'call of {engine.max_batch} sequences {timings.pop("decode") * 1e3:.1f} ms')
-    if not timings:  # max_seq_len left one size
+            f'call of {engine.max_batch} sequences {ms["decode"]:.1f} ms')
+    ratios = engine.budget_ratios
+    if not ratios:  # max_seq_len left one size
         return line + '; the only size that holds a token of every sequence'
-    return (line + f'; steps of {" / ".join(k.split()[1] for k in timings)} tokens '
-            f'{" / ".join(f"{v * 1e3:.1f}" for v in timings.values())} ms')
+    steps = ' / '.join(f'{ms["mixed " + str(T)]:.1f}' for T in ratios)
+    line += (f'; steps of {" / ".join(map(str, ratios))} tokens {steps} ms '
+             f'({" / ".join(f"{r:.2f}" for r in ratios.values())} of a decode call timed '
+             f'beside each)')
+    if engine.context_tokens is not None:
+        deep = next(k for k in ms if ' at ' in k)  # 'mixed T at D'
+        line += (f'; a prompt token at context c counts 1 + c / {engine.context_tokens:.0f} '
+                 f'tokens (a step of {deep[6:].replace(" at ", " tokens at context ")}: '
+                 f'{ms[deep]:.1f} ms)')
+    return line
 
 
 def speculation_line(engine: PagedEngine) -> str:
