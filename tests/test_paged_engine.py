@@ -20,7 +20,7 @@ from glmjax.model import init_params
 from glmjax.paged_inference import init_pages, paged_forward
 from glmjax.sampling import sample
 from glmjax.serving.engine import SlotSettings
-from glmjax.serving.paged_engine import PagedEngine, choose_budget
+from glmjax.serving.paged_engine import PagedEngine, choose_budget, chunk_cost, chunk_stop
 
 PAGE, CHUNK, MAX_SEQ, PAGES = 8, 12, 64, 48  # chunks of 12 are not aligned to pages of 8
 
@@ -303,9 +303,9 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     of 32 and 64 tokens, each beside a decode call (each run for real, on the scratch page;
     costs faked here: 1 s and T / 32 s), stops at 64, the first dearer than the decode call,
     and takes 32; it times that step at the deepest context to count a prompt token's
-    context; then it computes prompts in steps of up to 32 tokens, fewer deeper in a prompt,
-    with the same tokens as `generate`, and warm-up left nothing in the pool or the decode
-    state."""
+    context; then it computes prompts in steps of up to 32 tokens (fewer deeper in a prompt
+    while a sequence decodes), with the same tokens as `generate`, and warm-up left nothing
+    in the pool or the decode state."""
     cfg, params = model
     timed = []
 
@@ -341,8 +341,9 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
         'context 32: 2000.0 ms)')
     # A chunk from position 32 takes half the tokens of one from 0, and counts them twice;
     # deeper, at least the smallest bucket's 16 tokens.
-    assert [eng._chunk_stop(start, 32) for start in (0, 32, 96)] == [32, 48, 112]
-    assert eng._chunk_cost(32, 48) == 32 and eng._chunk_cost(0, 20) == 20
+    assert [chunk_stop(start, 32, 32.0) for start in (0, 32, 96)] == [32, 48, 112]
+    assert chunk_cost(32, 48, 32.0) == 32 and chunk_cost(0, 20, 32.0) == 20
+    assert chunk_stop(96, 32, None) == 128 and chunk_cost(32, 48, None) == 16
     chunks = []
     plan = eng._chunks
     monkeypatch.setattr(eng, '_chunks', lambda *a: chunks.append(plan(*a)) or chunks[-1])
@@ -351,10 +352,11 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     ps = prompts([40, 7, 33, 16], seed=3)
     assert run(eng, ps, greedy(4, 10)) == generate(cfg, params, ps, 10, stop_ids=())
-    # (slot, start, stop) per mixed step. The second step's chunk from 32 counts 16 of
-    # the 32; the third's, from 9, gets 23 of the 30 left by two decoding rows.
-    assert [c for c in chunks if c] == [[(0, 0, 32)], [(0, 32, 40), (1, 0, 7), (2, 0, 9)],
-                                        [(2, 9, 32)], [(2, 32, 33), (3, 0, 16)]]
+    # (slot, start, stop) per mixed step. Until a sequence decodes, tokens count 1 each
+    # (the first two steps); in the third, two decode, and the 16 tokens from 17 count 25
+    # of the 30 left, so slot 3 gets 5 (14 if tokens counted 1).
+    assert [c for c in chunks if c] == [[(0, 0, 32)], [(0, 32, 40), (1, 0, 7), (2, 0, 17)],
+                                        [(2, 17, 33), (3, 0, 5)], [(3, 5, 16)]]
 
 
 def test_seconds_times_its_runs_in_turn_and_keeps_each_ones_fastest():

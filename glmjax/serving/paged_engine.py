@@ -398,6 +398,25 @@ def choose_budget(decode_s: float, mixed_s: Callable[[int], float],
     return budget
 
 
+def chunk_stop(start: int, budget: int, context_tokens: float | None) -> int:
+    """Where a prompt chunk from position `start` ends within `budget` budget tokens, where
+    a token at context c counts 1 + c / context_tokens (None: 1): deep in a long prompt a
+    step takes fewer of its tokens, so that it costs about what the budget's step costs at
+    the prompt's start. At least MIN_TOKEN_BUCKET tokens (or the budget), so that a prompt
+    always advances."""
+    if context_tokens is None:
+        return start + budget
+    tokens = int(budget * context_tokens / (context_tokens + start))
+    return start + max(tokens, min(budget, MIN_TOKEN_BUCKET))
+
+
+def chunk_cost(start: int, stop: int, context_tokens: float | None) -> int:
+    """The budget tokens of a chunk of positions start..stop, as `chunk_stop` counts them."""
+    if context_tokens is None:
+        return stop - start
+    return -(-int((stop - start) * (context_tokens + start)) // int(context_tokens))
+
+
 class PagedEngine(Engine):
     """The engine over a paged KV cache with prefix caching and preemption.
 
@@ -409,8 +428,8 @@ class PagedEngine(Engine):
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch; None: measured by `warmup` (`choose_budget` on the token buckets from
     max_batch up to max_seq_len and MAX_MEASURED_BUDGET; until then the smallest), and a
-    prompt token then counts more the deeper it is in its prompt (`_measure_context`). `attn_impl`: a
-    paged_attention implementation, chosen per backend when None.
+    prompt token then counts more the deeper it is in its prompt (`_measure_context`).
+    `attn_impl`: a paged_attention implementation, chosen per backend when None.
     speculative_tokens: k > 0 decodes with MTP speculation, k drafts per step (the checkpoint
     must have its MTP layer); its pages come out of the same pool budget.
     speculative_max_batch: a decode call with more running sequences than this is plain
@@ -496,7 +515,7 @@ class PagedEngine(Engine):
         self.budget_timings: dict[str, float] = {}
         self.budget_ratios: dict[int, float] = {}
         # With a measured budget, a chunk's token at context c counts 1 + c / context_tokens
-        # of it (`_chunk_stop`): a step's attention grows with its chunks' context, and the
+        # of it (`chunk_stop`): a step's attention grows with its chunks' context, and the
         # budget was measured at context 0. None: every token counts 1.
         self.context_tokens: float | None = None
         self._seq_ids = itertools.count()
@@ -671,7 +690,8 @@ class PagedEngine(Engine):
                 self._slot_seq[s], int(min(self._bound[s] + steps, self._limit[s])))), None)
             if short is None:
                 chunks = self._chunks([s for s in by_age if self._filling[s] is not None],
-                                      self.max_num_batched_tokens - len(decoding))
+                                      self.max_num_batched_tokens - len(decoding),
+                                      bool(decoding))
                 if decoding or chunks:
                     return decoding, chunks, mixed
             holding = [s for s in by_age if self._slot_seq[s] is not None]
@@ -680,9 +700,14 @@ class PagedEngine(Engine):
                 raise OutOfPages(self._short(1, f'slot {by_age[0]} alone'))
             self._preempt(holding[-1])
 
-    def _chunks(self, filling: list[int], budget: int) -> list[tuple[int, int, int]]:
+    def _chunks(self, filling: list[int], budget: int,
+                decoding: bool) -> list[tuple[int, int, int]]:
         """Prompt chunks for the filling slots, oldest first, within `budget` tokens and the
-        free pages; a slot that gets no pages waits (with every slot after it)."""
+        free pages; a slot that gets no pages waits (with every slot after it). While some
+        sequence is `decoding`, a token counts its context too (context_tokens): the step
+        is as long as that sequence's gap between two tokens. Else only whole prompts wait
+        on the step, and fewer, larger steps compute them sooner."""
+        context = self.context_tokens if decoding else None
         chunks = []
         for s in filling:
             f = self._filling[s]
@@ -696,30 +721,12 @@ class PagedEngine(Engine):
                 self._slot_seq[s], f.done = seq, cached
             seq = self._slot_seq[s]
             held = len(self.manager.page_table(seq)) + self.manager.pool.num_free
-            stop = min(len(f.tokens), self._chunk_stop(f.done, budget), held * self.page_size)
+            stop = min(len(f.tokens), chunk_stop(f.done, budget, context), held * self.page_size)
             if stop <= f.done or not self.manager.reserve(seq, stop):
                 break
             chunks.append((s, f.done, stop))
-            budget -= self._chunk_cost(f.done, stop)
+            budget -= chunk_cost(f.done, stop, context)
         return chunks
-
-    def _chunk_cost(self, start: int, stop: int) -> int:
-        """Budget tokens of a chunk of positions start..stop: each token 1, plus its
-        attention over the context before the chunk (context_tokens)."""
-        if self.context_tokens is None:
-            return stop - start
-        return -(-int((stop - start) * (self.context_tokens + start)) //
-                 int(self.context_tokens))
-
-    def _chunk_stop(self, start: int, budget: int) -> int:
-        """Where a chunk from `start` ends within `budget` budget tokens: deep in a long
-        prompt a step takes fewer of its tokens, so that it costs about what the budget's
-        step does at the prompt's start. At least MIN_TOKEN_BUCKET tokens (or the budget
-        left), so that a prompt always advances."""
-        if self.context_tokens is None:
-            return start + budget
-        tokens = int(budget * self.context_tokens / (self.context_tokens + start))
-        return start + max(tokens, min(budget, MIN_TOKEN_BUCKET))
 
     def _preempt(self, slot: int) -> None:
         """Releases the slot's pages; it is recomputed from its tokens when pages are free."""
@@ -1020,7 +1027,7 @@ class PagedEngine(Engine):
         """The step of T tokens at the deepest context the engine holds (a chunk ending at
         max_seq_len) against the same step at context 0, each beside a decode call: the
         context c at which a chunk token's attention costs what the rest of its step's work
-        does, which `_chunk_cost` counts as 1 + c / context_tokens. None where the two cost
+        does, which `chunk_cost` counts as 1 + c / context_tokens. None where the two cost
         the same, or there is no context deeper than a step."""
         B, M = self.max_batch, self.max_pages_per_seq
         deep = self.max_seq_len - T
