@@ -344,6 +344,7 @@ def test_warmup_measures_the_budget_when_none_is_given(model, monkeypatch):
     assert [chunk_stop(start, 32, 32.0) for start in (0, 32, 96)] == [32, 48, 112]
     assert chunk_cost(32, 48, 32.0) == 32 and chunk_cost(0, 20, 32.0) == 20
     assert chunk_stop(96, 32, None) == 128 and chunk_cost(32, 48, None) == 16
+    assert chunk_stop(40, 32, 0.5) == 56 and chunk_cost(40, 56, 0.5) == 1296  # a tiny one
     chunks = []
     plan = eng._chunks
     monkeypatch.setattr(eng, '_chunks', lambda *a: chunks.append(plan(*a)) or chunks[-1])

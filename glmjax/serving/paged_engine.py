@@ -62,6 +62,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 import time
 from collections.abc import Callable
 
@@ -414,7 +415,7 @@ def chunk_cost(start: int, stop: int, context_tokens: float | None) -> int:
     """The budget tokens of a chunk of positions start..stop, as `chunk_stop` counts them."""
     if context_tokens is None:
         return stop - start
-    return -(-int((stop - start) * (context_tokens + start)) // int(context_tokens))
+    return math.ceil((stop - start) * (1 + start / context_tokens))
 
 
 class PagedEngine(Engine):
