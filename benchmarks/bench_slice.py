@@ -4,6 +4,7 @@ starts), random weights, through the serving engine (PagedEngine: a scan of deco
 call over the KV pages of the running rows; the prompts are computed first, untimed).
 
   python3 benchmarks/bench_slice.py --layers 4 --batches 1,64                 # accelerator
+  python3 benchmarks/bench_slice.py --layers 4 --batches 1,64 --speculative_tokens 1,3
   python3 benchmarks/bench_slice.py --layers 2 --experts 16 --context 64 \\
       --batches 1 --dtype float32                                             # CPU smoke run
 
@@ -36,6 +37,9 @@ _CONTEXT = flags.DEFINE_integer('context', 1024, 'prompt tokens per row before d
 _STEPS = flags.DEFINE_integer('steps', 32, 'decode steps per timed call')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed calls per figure')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'weights dtype')
+_SPEC = flags.DEFINE_string('speculative_tokens', '', 'also, for each k given (e.g. 1,3): '
+                            'a decode call of verify steps (k + 1 tokens per row, k MTP '
+                            'drafts) against a plain one, per step, on the same engine')
 
 
 def main(argv):
@@ -54,7 +58,8 @@ def main(argv):
         base, num_hidden_layers=L, first_k_dense_replace=min(base.first_k_dense_replace, L - 1),
         n_routed_experts=_EXPERTS.value or base.n_routed_experts, eos_token_ids=())
     dtype = jnp.dtype(_DTYPE.value)
-    params = init_params(cfg, dtype, mtp=False)
+    ks = [int(k) for k in _SPEC.value.split(',') if k]
+    params = init_params(cfg, dtype, mtp=bool(ks))
     size = sum(x.nbytes for x in jax.tree.leaves(params))
     bw = memory_bandwidth()
     print(f'{_PRESET.value} slice: {L} layers ({cfg.first_k_dense_replace} dense), '
@@ -90,6 +95,42 @@ def main(argv):
               f'{B / step:10.1f} | {need / 1e6:12.0f} | {need / step / 1e9:7.0f} | '
               f'{need / step / bw:.0%}')
         del engine
+        for k in ks:
+            verify_cost(cfg, params, B, k, T, S, R)
+
+
+def verify_cost(cfg, params, B: int, k: int, T: int, S: int, R: int) -> None:
+    """Per step, a speculative decode call (each step verifies k + 1 tokens per row and
+    drafts k) against a plain one (1 token per row), both from one engine of B rows at T
+    tokens of context: the engine's own switch (speculative_max_batch) picks the kind. In
+    each round the second of two calls of a kind is timed, so the speculative one is not
+    the first after plain calls (that one also redrafts). Random weights accept almost no
+    draft: this is the cost of a verify step, not a speed-up."""
+    from glmjax.serving.engine import SlotSettings
+    from glmjax.serving.paged_engine import PagedEngine
+
+    engine = PagedEngine(cfg, params, max_batch=B, max_seq_len=T + 4 * S * (k + 1) * (R + 2),
+                         steps_per_call=S, max_num_batched_tokens=max(B, 2048),
+                         speculative_tokens=k, speculative_max_batch=B)
+    rng = np.random.RandomState(B)
+    for slot in range(B):
+        prompt = rng.randint(0, cfg.vocab_size, T).tolist()
+        engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
+    while any(f is not None for f in engine._filling):
+        jax.block_until_ready(engine.generate())
+    times = {'verify': [], 'plain': []}
+    for _ in range(R + 1):  # the first round compiles
+        for kind, cap in (('verify', B), ('plain', 0)):
+            engine.spec_max_batch = cap  # a call of more sequences than this is plain
+            jax.block_until_ready(engine.generate())
+            start = time.perf_counter()
+            jax.block_until_ready(engine.generate())
+            times[kind].append((time.perf_counter() - start) / S)
+    verify, plain = (statistics.median(times[kind][1:]) for kind in ('verify', 'plain'))
+    print(f'batch {B}, k = {k}: a verify step ({k + 1} tokens per row, {k} draft{"s" * (k > 1)}) '
+          f'{verify * 1e3:.2f} ms, a plain step {plain * 1e3:.2f} ms: {verify / plain:.2f}x; '
+          f'{engine.metrics()["spec_decode_num_accepted_tokens"]} drafts accepted')
+    del engine
 
 
 if __name__ == '__main__':
