@@ -49,7 +49,6 @@ def main(argv):
     from glmjax import GlmConfig
     from glmjax.model import init_params
     from glmjax.serving import paged_engine
-    from glmjax.serving.engine import SlotSettings
     from glmjax.serving.paged_engine import PagedEngine
 
     base = GlmConfig.preset(_PRESET.value)
@@ -77,12 +76,7 @@ def main(argv):
         # The pool's default size: from the device's memory where it reports it.
         print(f'batch {B}: KV pool of {engine.num_pages:,} pages of {engine.page_size} tokens; '
               f'device memory {paged_engine.device_memory(jax.devices()[:1])}')
-        rng = np.random.RandomState(B)
-        for slot in range(B):
-            prompt = rng.randint(0, cfg.vocab_size, T).tolist()
-            engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
-        while any(f is not None for f in engine._filling):  # the prompts, in mixed steps
-            jax.block_until_ready(engine.generate())
+        fill(engine, cfg, B, T)
         jax.block_until_ready(engine.generate())  # compile the decode call
         times = []
         for _ in range(R):
@@ -99,6 +93,18 @@ def main(argv):
             verify_cost(cfg, params, B, k, T, S, R)
 
 
+def fill(engine, cfg, B: int, T: int) -> None:
+    """B rows of T random prompt tokens each, computed (in mixed steps), decoding on."""
+    from glmjax.serving.engine import SlotSettings
+
+    rng = np.random.RandomState(B)
+    for slot in range(B):
+        prompt = rng.randint(0, cfg.vocab_size, T).tolist()
+        engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
+    while any(f is not None for f in engine._filling):
+        jax.block_until_ready(engine.generate())
+
+
 def verify_cost(cfg, params, B: int, k: int, T: int, S: int, R: int) -> None:
     """Per step, a speculative decode call (each step verifies k + 1 tokens per row and
     drafts k) against a plain one (1 token per row), both from one engine of B rows at T
@@ -106,18 +112,12 @@ def verify_cost(cfg, params, B: int, k: int, T: int, S: int, R: int) -> None:
     each round the second of two calls of a kind is timed, so the speculative one is not
     the first after plain calls (that one also redrafts). Random weights accept almost no
     draft: this is the cost of a verify step, not a speed-up."""
-    from glmjax.serving.engine import SlotSettings
     from glmjax.serving.paged_engine import PagedEngine
 
     engine = PagedEngine(cfg, params, max_batch=B, max_seq_len=T + 4 * S * (k + 1) * (R + 2),
                          steps_per_call=S, max_num_batched_tokens=max(B, 2048),
                          speculative_tokens=k, speculative_max_batch=B)
-    rng = np.random.RandomState(B)
-    for slot in range(B):
-        prompt = rng.randint(0, cfg.vocab_size, T).tolist()
-        engine.insert(engine.prefill(prompt), slot, SlotSettings(max_new=1 << 30))
-    while any(f is not None for f in engine._filling):
-        jax.block_until_ready(engine.generate())
+    fill(engine, cfg, B, T)
     times = {'verify': [], 'plain': []}
     for _ in range(R + 1):  # the first round compiles
         for kind, cap in (('verify', B), ('plain', 0)):

@@ -986,6 +986,15 @@ class PagedEngine(Engine):
                 np.full(B, -1, np.int32), np.array([0], np.int32),
                 self.manager.page_table_array([], B))
 
+    def _chunk_step(self, ids: np.ndarray, T: int, start: int = 0) -> Callable[[], object]:
+        """A mixed step of one chunk in slot 0, ids[:T] at positions start..start + T, every
+        page the scratch page 0 (what warm-up times)."""
+        B, M = self.max_batch, self.max_pages_per_seq
+        host = list(self._empty_mixed(T))
+        host[0], host[1][0], host[2][1:], host[3][0] = ids[:T], 0, T, start
+        host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
+        return lambda: self._run_mixed(tuple(host), None)
+
     def _measure_budget(self, sizes: tuple[int, ...], tick: Callable[[], None]) -> None:
         """Sets max_num_batched_tokens by `choose_budget`: a decode call of every row against
         mixed steps of one T-token prompt chunk (compiled here as they are reached). The
@@ -1007,11 +1016,7 @@ class PagedEngine(Engine):
         timings = self._seconds({'decode': decode_call})
 
         def mixed(T: int) -> float:
-            host = list(self._empty_mixed(T))
-            host[0], host[1][0], host[2][1:] = ids[:T], 0, T  # slot 0: T tokens from 0
-            host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
-            pair = self._seconds({'decode': decode_call,
-                                  f'mixed {T}': lambda: self._run_mixed(tuple(host), None)})
+            pair = self._seconds({'decode': decode_call, f'mixed {T}': self._chunk_step(ids, T)})
             timings[f'mixed {T}'] = pair[f'mixed {T}']
             timings['decode'] = min(timings['decode'], pair['decode'])
             self.budget_ratios[T] = pair[f'mixed {T}'] / pair['decode']
@@ -1030,18 +1035,11 @@ class PagedEngine(Engine):
         context c at which a chunk token's attention costs what the rest of its step's work
         does, which `chunk_cost` counts as 1 + c / context_tokens. None where the two cost
         the same, or there is no context deeper than a step."""
-        B, M = self.max_batch, self.max_pages_per_seq
         deep = self.max_seq_len - T
         if deep < T:
             return None
-
-        def step(start: int) -> Callable[[], object]:
-            host = list(self._empty_mixed(T))
-            host[0], host[1][0], host[2][1:], host[3][0] = ids[:T], 0, T, start
-            host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
-            return lambda: self._run_mixed(tuple(host), None)
-
-        t = self._seconds({'decode': decode_call, 'at 0': step(0), 'deep': step(deep)})
+        t = self._seconds({'decode': decode_call, 'at 0': self._chunk_step(ids, T),
+                           'deep': self._chunk_step(ids, T, deep)})
         self.budget_timings[f'mixed {T} at {deep}'] = t['deep']
         at_0, at_deep = t['at 0'] / t['decode'], t['deep'] / t['decode']
         return deep * at_0 / (at_deep - at_0) if at_deep > at_0 else None
