@@ -170,6 +170,46 @@ def test_same_prompt_computed_twice_caches_one_copy():
     assert m.pool.num_free == 15
 
 
+def test_a_prompt_waits_for_the_pages_an_older_one_computes_and_takes_them():
+    """b begins while a computes the same 12-token prefix: b waits on a's next page until a
+    writes it, then takes it by reference in place of its own unwritten page, page by page
+    as a goes; past the shared pages, or once b has written part of a page, it goes alone."""
+    m = PageManager(num_pages=32, page_size=L)
+    shared = toks(100, 12)
+    a, b = shared + toks(0, 5), shared + toks(50, 2)
+    assert m.begin('a', a, budget=6) == 0 and m.begin('b', b, budget=1) == 0
+    assert m.waits_on('b', 'a') and m.extend('b') == 0
+    m.commit('a', a[:6])  # page 0 written
+    own = m.page_table('b')[0]
+    assert m.extend('b') == 4
+    assert m.page_table('b') == m.page_table('a')[:1] and m.pool.refcount(own) == 0
+    assert m.waits_on('b', 'a')  # page 1: a has written 2 of its 4 tokens
+    assert m.reserve('a', 14)
+    m.commit('a', a[:14])
+    assert m.extend('b') == 8 and m.page_table('b') == m.page_table('a')[:3]
+    assert [m.pool.refcount(q) for q in m.page_table('a')] == [2, 2, 2, 1]
+    assert not m.waits_on('b', 'a')  # b's last full page is left for it to compute
+    assert m.stats.prefix_cache_hits == 12
+    assert m.reserve('b', 14)
+    m.commit('b', b)
+    assert m.extend('b') == 0
+    # Diverging at page 1: c waits on page 0 only; once c wrote part of a page, never.
+    c = shared[:4] + toks(200, 9)
+    assert m.begin('c', c, budget=1) == 4 and not m.waits_on('c', 'a')
+    d = toks(300, 9)
+    e = d[:2] + toks(400, 7)
+    assert m.begin('d', d, budget=1) == 0 and m.begin('e', e, budget=2) == 0
+    m.commit('e', e[:2])
+    assert not m.waits_on('d', 'e') and not m.waits_on('e', 'd') and m.extend('e') == 0
+    for seq in 'abcde':
+        m.finish(seq)
+    assert m.pool.num_free == m.pool.allocatable
+    off = PageManager(num_pages=16, page_size=L, prefix_caching=False)
+    assert off.begin('a', a, budget=6) == 0 and off.begin('b', b, budget=1) == 0
+    off.commit('a', a[:6])
+    assert not off.waits_on('b', 'a') and off.extend('b') == 0
+
+
 def test_extra_key_separates_caches_and_disabled_caching_shares_nothing():
     m = PageManager(num_pages=16, page_size=L)
     p = toks(0, 9)
@@ -239,12 +279,14 @@ def test_keys_are_stable_across_processes():
 def simulate(seed, num_requests=500):
     """A scheduler over a small pool: arrivals with shared prefixes, chunked prefill, decode,
     preemption when pages run short, cancellations. Checks every written page reads back the
-    sequence's own tokens. Returns the manager and a log of every page table handed out."""
+    sequence's own tokens. Returns the manager, a log of every page table handed out, and
+    how often a prompt took pages computed since it began and waited for them."""
     rng = random.Random(seed)
     m = PageManager(num_pages=25, page_size=L, max_pages_per_seq=12)
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(4)]
     kv = {}  # (page, offset) -> the tokens up to that position: what its KV depends on
     waiting, running, log = [], {}, []
+    counts = {'taken': 0, 'waited': 0}
     arrived = finished = 0
     while finished < num_requests:
         if arrived < num_requests and rng.random() < 0.6:
@@ -259,7 +301,7 @@ def simulate(seed, num_requests=500):
             if cached is None:
                 break
             waiting.pop(0)
-            running[seq_id] = [tokens, cached, target]
+            running[seq_id] = [tokens, cached, target, len(tokens)]
             check_reads(m, kv, seq_id, tokens, cached)
         for seq_id in list(running):
             if seq_id not in running:
@@ -269,16 +311,28 @@ def simulate(seed, num_requests=500):
                 del running[seq_id]
                 finished += 1
                 continue
-            finished += step(m, rng, kv, running, waiting, seq_id)
+            finished += step(m, rng, kv, running, waiting, seq_id, counts)
             if seq_id in running:
                 log.append((seq_id, m.page_table(seq_id)))
         check_invariants(m, running)
-    return m, log
+    return m, log, counts
 
 
-def step(m, rng, kv, running, waiting, seq_id):
-    """One engine step of a sequence: write a chunk (prefill) or one token (decode)."""
-    tokens, written, target = running[seq_id]
+def step(m, rng, kv, running, waiting, seq_id, counts):
+    """One engine step of a sequence: write a chunk (prefill) or one token (decode). A
+    prompt first takes the pages older prompts computed meanwhile, and waits while one of
+    them has its next page to compute."""
+    tokens, written, target, prompt_len = running[seq_id]
+    if written < prompt_len:
+        taken = m.extend(seq_id)
+        counts['taken'] += taken > 0
+        written += taken
+        check_reads(m, kv, seq_id, tokens, written)
+        running[seq_id][1] = written
+        older = list(running)[:list(running).index(seq_id)]
+        if any(m.waits_on(seq_id, o) for o in older if running[o][1] < running[o][3]):
+            counts['waited'] += 1
+            return 0
     new_len = min(len(tokens), written + rng.randrange(1, 9))
     while not m.reserve(seq_id, new_len):
         victim = next(s for s in reversed(running) if s != seq_id)  # the newest other
@@ -320,9 +374,10 @@ def check_invariants(m, running):
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_random_requests_return_every_page(seed):
-    m, _ = simulate(seed)
+    m, _, counts = simulate(seed)
     pool = m.pool
     assert m.stats.prefix_cache_hits > 0 and m.stats.preemptions > 0 and pool.evictions > 0
+    assert counts['taken'] > 0 and counts['waited'] > 0
     assert pool.num_free == pool.allocatable and pool.num_used == 0
     assert all(pool.refcount(p) == 0 for p in range(pool.num_pages))
     assert pool.num_cached > 0
@@ -331,7 +386,7 @@ def test_random_requests_return_every_page(seed):
 
 
 def test_same_calls_give_same_pages():
-    m1, log1 = simulate(7, num_requests=100)
-    m2, log2 = simulate(7, num_requests=100)
+    m1, log1, _ = simulate(7, num_requests=100)
+    m2, log2, _ = simulate(7, num_requests=100)
     assert log1 == log2 and m1.metrics() == m2.metrics()
     assert log1 != simulate(8, num_requests=100)[1]

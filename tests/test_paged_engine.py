@@ -138,7 +138,7 @@ def test_prefix_cache_shares_pages_and_changes_no_output(model):
     assert run(off, ps, greedy(4, 10), offs) == want
     assert [p.cached_tokens for p in offs] == [0, 0, 0, 0]
     on = engine(model)
-    # Pages are shared once computed: requests admitted together compute theirs each.
+    # The first fills the cache; the four take its pages at prefill.
     assert run(on, ps[:1], greedy(1, 10)) == want[:1]
     on.free(0)
     ons = []
@@ -157,6 +157,32 @@ def test_prefix_cache_shares_pages_and_changes_no_output(model):
     again = on.prefill(ps[1])
     assert again.cached_tokens == 32
     on.manager.finish(again.seq_id)
+
+
+def test_prompts_admitted_together_compute_their_shared_pages_once(model):
+    """The same four prompts admitted together on a cold cache: while the first computes
+    the shared prefix's two full pages the others wait, then take them; the tokens equal
+    `generate`, and their usage counts the 16 cached tokens each."""
+    cfg, params = model
+    shared = prompts([21], seed=5)[0]
+    ps = [shared + tail for tail in prompts([5, 14, 3, 19], seed=6)]
+    want = generate(cfg, params, ps, 10, stop_ids=())
+    eng = engine(model)
+    plans, chunks = [], eng._chunks
+    eng._chunks = lambda *args: plans.append(chunks(*args)) or plans[-1]
+    prefixes = []
+    assert run(eng, ps, greedy(4, 10), prefixes) == want
+    assert [p.cached_tokens for p in prefixes] == [0, 0, 0, 0]  # as admitted
+    assert [eng.cached_tokens(slot) for slot in range(4)] == [0, 16, 16, 16]
+    computed = [(s, start, stop) for plan in plans for s, start, stop in plan]
+    assert sum(stop - start for _, start, stop in computed) == sum(map(len, ps)) - 48
+    # Nothing else is computed until slot 0 has written both shared pages.
+    assert [c for c in computed if c[0] == 0][:2] == [(0, 0, 12), (0, 12, 24)]
+    assert all(s == 0 for s, _, _ in computed[:2])
+    assert eng.manager.metrics()['prefix_cache_hits'] == 48
+    for slot in range(4):
+        eng.free(slot)
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
 
 
 def test_every_page_returns_after_random_requests(model):

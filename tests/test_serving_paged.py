@@ -1,6 +1,7 @@
-"""The paged engine behind the real server (gRPC and HTTP): greedy equals `generate`, repeated
-prompts report cached tokens, and a pool too small for every request at once still finishes
-every request, with the same tokens, by making requests wait for pages."""
+"""The paged engine behind the real server (gRPC and HTTP): greedy equals `generate`,
+repeated and concurrent prompts report cached tokens, and a pool too small for every request
+at once still finishes every request, with the same tokens, by making requests wait for
+pages."""
 
 import concurrent.futures
 import random
@@ -54,6 +55,9 @@ def test_paged_server_greedy_and_cached_tokens(model):
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             got = list(pool.map(lambda p: run(stub, greedy(p, 20)), ps))
         assert [ids for ids, _ in got] == generate(cfg, params, ps, 20, stop_ids=())
+        # The shared 4 pages are computed once, whenever each request came: at prefill or
+        # while an older prompt computed them, every other request took them.
+        assert sorted(use.cached_tokens for _, use in got) == [0] + [32] * 5
         ids, use = run(stub, greedy(ps[0], 20))  # the same prompt again
         assert ids == got[0][0]
         assert use.cached_tokens == (len(ps[0]) - 1) // PAGE * PAGE > 0

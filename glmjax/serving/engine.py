@@ -153,6 +153,11 @@ class Engine(abc.ABC):
         """Whether a free slot can take this request now; when not, it waits in the queue."""
         return True
 
+    def cached_tokens(self, slot: int) -> int:
+        """The slot's prompt tokens served from the prefix cache so far (at least its
+        Prefix's: more when the engine later takes pages another prompt computed)."""
+        return 0
+
 
 def buckets(max_seq_len: int) -> tuple[int, ...]:
     """Prompt lengths are padded to powers of two (and max_seq_len), compiled at warm-up."""

@@ -39,7 +39,7 @@ the same page ids in every process: tests and lockstep replay can rely on it.
 import dataclasses
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -174,6 +174,10 @@ class _Seq:
     root: bytes
     pages: list[int]
     keys: list[bytes]  # keys of the committed full pages, pages[:len(keys)]
+    # Keys of the prompt's full pages that leave a token to compute: what it may take
+    # from the cache, now (begin) or once another sequence has computed them (extend).
+    shareable: list[bytes]
+    written: int  # tokens whose K/V is written, from position 0 (taken ones included)
 
 
 class PageManager:
@@ -201,7 +205,7 @@ class PageManager:
 
     def cached_prefix(self, tokens: Sequence[int], extra_key: str | bytes | None = None) -> int:
         """Tokens of this prompt that `begin` would take from the cache now; changes nothing."""
-        return len(self._match(tokens, root_key(extra_key))[0]) * self.page_size
+        return len(self._match(self._keys(tokens, root_key(extra_key)))[0]) * self.page_size
 
     def begin(self, seq_id: Hashable, prompt: Sequence[int], *,
               extra_key: str | bytes | None = None, budget: int | None = None) -> int | None:
@@ -214,7 +218,8 @@ class PageManager:
         if len(prompt) == 0 or (budget is not None and budget < 1):
             raise ValueError('need a non-empty prompt and a budget of at least one token')
         root = root_key(extra_key)
-        matched, keys = self._match(prompt, root)
+        shareable = list(self._keys(prompt, root))
+        matched, keys = self._match(shareable)
         cached = len(matched) * self.page_size
         end = len(prompt) if budget is None else min(len(prompt), cached + budget)
         self._check_length(end)
@@ -224,11 +229,43 @@ class PageManager:
             return None
         self.pool.take(matched)
         pages = matched + self.pool.allocate(need)
-        self._seqs[seq_id] = _Seq(root, pages, keys)
+        self._seqs[seq_id] = _Seq(root, pages, keys, shareable, cached)
         if self.prefix_caching:
             self.stats.prefix_cache_queries += len(prompt)
             self.stats.prefix_cache_hits += cached
         return cached
+
+    def extend(self, seq_id: Hashable) -> int:
+        """Takes the cached pages that continue the sequence's prompt past what it has
+        written, by reference, in place of its own unwritten ones: pages another sequence
+        committed since this one began. Only while what it wrote ends at a page boundary (a
+        page it wrote part of stays its own). Returns the tokens taken (0: none)."""
+        seq, L = self._seqs[seq_id], self.page_size
+        n = len(seq.keys)
+        if seq.written != n * L:
+            return 0
+        matched, keys = self._match(seq.shareable[n:])
+        if not matched:
+            return 0
+        self.pool.take(matched)
+        own = seq.pages[n:n + len(matched)]
+        seq.pages[n:n + len(own)] = matched
+        self.pool.release(own[::-1])
+        seq.keys += keys
+        seq.written = len(seq.keys) * L
+        self.stats.prefix_cache_hits += len(matched) * L
+        return len(matched) * L
+
+    def waits_on(self, seq_id: Hashable, other_id: Hashable) -> bool:
+        """Whether the sequence's next page to compute is one the other sequence has yet to
+        write: the same key (so the same tokens before it) at the same place in both
+        prompts. Waiting for the other and then taking the page (`extend`) computes it
+        once instead of twice."""
+        seq, other, L = self._seqs[seq_id], self._seqs[other_id], self.page_size
+        n = len(seq.keys)
+        return (self.prefix_caching and seq.written == n * L and n < len(seq.shareable)
+                and n < len(other.shareable)
+                and other.shareable[n] == seq.shareable[n] and other.written < (n + 1) * L)
 
     def reserve(self, seq_id: Hashable, new_len: int) -> bool:
         """Makes sure the sequence has pages for new_len tokens. False when the pool is short
@@ -250,8 +287,12 @@ class PageManager:
         L = self.page_size
         if len(tokens) > len(seq.pages) * L:
             raise ValueError(f'{len(tokens)} tokens written but only {len(seq.pages)} pages')
+        if len(tokens) < seq.written:
+            raise ValueError(f'{len(tokens)} tokens written, but {seq.written} already were')
+        seq.written = len(tokens)
         for i in range(len(seq.keys), len(tokens) // L):
-            key = page_key(seq.keys[-1] if seq.keys else seq.root, tokens[i * L:(i + 1) * L])
+            key = seq.shareable[i] if i < len(seq.shareable) else \
+                page_key(seq.keys[-1] if seq.keys else seq.root, tokens[i * L:(i + 1) * L])
             seq.keys.append(key)
             if self.prefix_caching:
                 self.pool.register(seq.pages[i], key)
@@ -302,21 +343,26 @@ class PageManager:
                 'num_cached_pages': self.pool.num_cached, 'evictions': self.pool.evictions,
                 **dataclasses.asdict(self.stats)}
 
-    def _match(self, tokens: Sequence[int], root: bytes) -> tuple[list[int], list[bytes]]:
-        """The cached pages (and their keys) of the longest full-page prefix of tokens that
-        leaves at least one token to compute."""
+    def _keys(self, tokens: Sequence[int], root: bytes) -> Iterator[bytes]:
+        """The keys of the full pages of tokens that leave at least one token to compute (the
+        last one's logits give the next token), lazily."""
+        key, L = root, self.page_size
+        for i in range((len(tokens) - 1) // L):
+            key = page_key(key, tokens[i * L:(i + 1) * L])
+            yield key
+
+    def _match(self, keys: Iterable[bytes]) -> tuple[list[int], list[bytes]]:
+        """The cached pages (and their keys) of the longest run of keys that are cached."""
         if not self.prefix_caching:
             return [], []
-        L = self.page_size
-        pages, keys = [], []
-        for i in range((len(tokens) - 1) // L):
-            key = page_key(keys[-1] if keys else root, tokens[i * L:(i + 1) * L])
+        pages, matched = [], []
+        for key in keys:
             page = self.pool.lookup(key)
             if page is None:
                 break
             pages.append(page)
-            keys.append(key)
-        return pages, keys
+            matched.append(key)
+        return pages, matched
 
     def _check_length(self, num_tokens: int) -> None:
         # A caller bug (the 400 check comes first), not memory pressure: fail loudly.

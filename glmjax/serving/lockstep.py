@@ -191,6 +191,9 @@ class LeaderEngine(Engine):
         # Host bookkeeping only: every follower reaches the same state from the same calls.
         return self.engine.can_admit(prompt, max_new)
 
+    def cached_tokens(self, slot: int) -> int:
+        return self.engine.cached_tokens(slot)
+
     def metrics(self) -> dict:
         # The leader's own bookkeeping (pages, prefix cache, drafts): no device call.
         return self.engine.metrics()

@@ -317,17 +317,21 @@ class Orchestrator:
         if not any(self._constrained(r) for r in snapshot):
             out = self.engine.generate()
             self._emit(previous)
-            return [(out, snapshot)]
-        asked = []
+        else:
+            asked = []
 
-        def masks() -> np.ndarray:
-            asked.append(True)
-            self._emit(previous)
-            return self._masks(snapshot)
+            def masks() -> np.ndarray:
+                asked.append(True)
+                self._emit(previous)
+                return self._masks(snapshot)
 
-        out = self.engine.generate(masks)
-        if not asked:  # an engine that had nothing to compute: the tokens must not be lost
-            self._emit(previous)
+            out = self.engine.generate(masks)
+            if not asked:  # an engine that had nothing to compute: the tokens must not be lost
+                self._emit(previous)
+        # Before this call's tokens are emitted, so the request's last chunk carries it.
+        for slot, req in enumerate(snapshot):
+            if req is not None:
+                req.cached_tokens = self.engine.cached_tokens(slot)
         return [(out, snapshot)]
 
     @staticmethod

@@ -32,6 +32,11 @@ The calls, as the orchestrator makes them:
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
 
+Prompts that share a prefix are not computed side by side: a prompt whose next page an older
+prompt has yet to compute waits, and takes the page from the cache once it is written, as
+it would have at `prefill` had it come later (agentic conversations that start together all
+begin with the same system prompt and tools).
+
 Pages are reserved on the host before each call for what every row may write in it. When
 the pool is short the newest sequence is preempted, as vLLM does: its pages are released
 (the full ones stay cached) and it is recomputed later from its prompt and the tokens it
@@ -599,6 +604,7 @@ class PagedEngine(Engine):
         self._filling: list[_Filling | None] = [None] * B
         self._history: list[list[int]] = [[] for _ in range(B)]  # generated, fetched
         self._binding = [0] * B  # which request a slot's pending outputs belong to
+        self._cached = [0] * B  # per slot: prompt tokens taken from the prefix cache
         # Per call not yet fetched: (tokens, valid, bindings, growth, accepted).
         self._outs: collections.deque = collections.deque()
         # Per decoding slot: a bound of its length, the call's most growth added at each
@@ -643,6 +649,7 @@ class PagedEngine(Engine):
         self._admitted[slot] = next(self._order)
         self._prompt[slot] = list(prefix.prompt)
         self._filling[slot] = _Filling(list(prefix.prompt), prefix.cached_tokens, first=True)
+        self._cached[slot] = prefix.cached_tokens
         self._history[slot] = []
         self._binding[slot] += 1
         self._bound[slot] = 0
@@ -704,12 +711,14 @@ class PagedEngine(Engine):
     def _chunks(self, filling: list[int], budget: int,
                 decoding: bool) -> list[tuple[int, int, int]]:
         """Prompt chunks for the filling slots, oldest first, within `budget` tokens and the
-        free pages; a slot that gets no pages waits (with every slot after it). While some
-        sequence is `decoding`, a token counts its context too (context_tokens): the step
-        is as long as that sequence's gap between two tokens. Else only whole prompts wait
-        on the step, and fewer, larger steps compute them sooner."""
+        free pages; a slot that gets no pages waits (with every slot after it), and so does
+        one whose next page an older slot has yet to compute (`PageManager.waits_on`; it
+        takes the page once written, `extend`). While some sequence is `decoding`, a token
+        counts its context too (context_tokens): the step is as long as that sequence's gap
+        between two tokens. Else only whole prompts wait on the step, and fewer, larger
+        steps compute them sooner."""
         context = self.context_tokens if decoding else None
-        chunks = []
+        chunks, older = [], []
         for s in filling:
             f = self._filling[s]
             if budget <= 0:
@@ -721,6 +730,16 @@ class PagedEngine(Engine):
                     break
                 self._slot_seq[s], f.done = seq, cached
             seq = self._slot_seq[s]
+            # Pages an older prompt computed since this one began; and the next page is not
+            # computed twice at once: while an older prompt has it to compute, this waits.
+            taken = self.manager.extend(seq)
+            f.done += taken
+            if f.first:
+                self._cached[s] += taken
+            held_up = any(self.manager.waits_on(seq, o) for o in older)
+            older.append(seq)
+            if held_up:
+                continue
             held = len(self.manager.page_table(seq)) + self.manager.pool.num_free
             stop = min(len(f.tokens), chunk_stop(f.done, budget, context), held * self.page_size)
             if stop <= f.done or not self.manager.reserve(seq, stop):
@@ -908,6 +927,11 @@ class PagedEngine(Engine):
         # nor read, and insert overwrites all of it.
         with jax.set_mesh(self.layout.mesh):
             self.state = _mark_done(self.state, self.layout.put(np.int32(slot)))
+
+    def cached_tokens(self, slot: int) -> int:
+        """The slot's prompt tokens taken from the prefix cache so far: those of `prefill`'s
+        Prefix, and pages that an older prompt computed while this one waited for them."""
+        return self._cached[slot]
 
     @property
     def capacity(self) -> int:
