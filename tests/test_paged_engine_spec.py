@@ -101,7 +101,14 @@ def test_a_stop_id_inside_an_accepted_run(demo, prompts, plain):
 
 
 def test_a_small_pool_preempts_and_changes_no_output(demo, prompts, plain):
-    eng = engine(demo, 3, num_pages=13)
+    """Other sequences hold all but 12 of the pool's pages (so the engine's programs are the
+    other tests' ones): the four sequences need more, and are preempted in turn."""
+    eng = engine(demo, 3)
+    rng = np.random.default_rng(0)
+    hogs = {f'hog {i}': n for i, n in enumerate((16, 16, 16, PAGES - 1 - 12 - 48))}
+    for hog, n in hogs.items():  # uncommitted pages: never evictable
+        eng.manager.begin(hog, rng.integers(0, 1000, n * PAGE).tolist())
+    assert eng.manager.pool.num_free == 12
     settings = greedy(len(prompts))
     out = [[] for _ in prompts]
     for slot, p in enumerate(prompts):
@@ -115,6 +122,8 @@ def test_a_small_pool_preempts_and_changes_no_output(demo, prompts, plain):
                 eng.free(slot)
     assert out == plain
     assert eng.manager.stats.preemptions > 0
+    for hog in hogs:
+        eng.manager.finish(hog)
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
 
 
@@ -246,8 +255,8 @@ def test_above_its_batch_limit_the_engine_decodes_plainly_and_resumes(demo, prom
 
 def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatch):
     """speculative_max_batch None: warm-up times a speculative and a plain call of every row
-    bucket (faked: of 2 rows speculation costs 100 plain calls, of 1 as much as one). The
-    first calls speculate; once their acceptance is fetched, calls of two sequences are
+    bucket (faked: of 2 rows speculation costs 100 plain calls, of 1 or 4 as much as one).
+    The first calls speculate; once their acceptance is fetched, calls of two sequences are
     plain and calls of one speculate. The tokens are the plain engine's throughout."""
     timed = []
 
@@ -258,11 +267,11 @@ def test_warmup_measures_where_speculation_pays(demo, prompts, plain, monkeypatc
         return {name: 100.0 if name == 'speculative 2' else 1.0 for name in runs}
 
     monkeypatch.setattr(PagedEngine, '_seconds', seconds)
-    eng = engine(demo, 2, max_batch=2)
-    assert eng.measures_speculation and eng.row_buckets == (1, 2)
+    eng = engine(demo, 1)  # the programs of the k = 1 test above
+    assert eng.measures_speculation and eng.row_buckets == (1, 2, 4)
     eng.warmup()
-    assert timed == [[f'speculative {rows}', f'plain {rows}'] for rows in (1, 2)]  # in turn
-    assert eng.spec_cost == {1: 1.0, 2: 100.0}
+    assert timed == [[f'speculative {rows}', f'plain {rows}'] for rows in (1, 2, 4)]  # in turn
+    assert eng.spec_cost == {1: 1.0, 2: 100.0, 4: 1.0}
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
     news = [24, NEW]
     out, calls = run_logged(eng, prompts[:2], news)
