@@ -185,6 +185,24 @@ def test_prompts_admitted_together_compute_their_shared_pages_once(model):
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
 
 
+def test_the_next_turn_finds_the_answers_pages_cached(model):
+    """A conversation's next turn resends the answer: the pages the answer filled while it
+    was decoded are cached (those fetched by the time the slot is freed), and the next
+    turn's tokens equal `generate`'s."""
+    cfg, params = model
+    p, tail = prompts([13, 6], seed=8)
+    eng = engine(model)
+    answer = run(eng, [p], greedy(1, 30))[0]
+    eng.free(0)
+    turn, prefixes = p + answer + tail, []
+    got = run(eng, [turn], greedy(1, 10), prefixes)
+    assert got == generate(cfg, params, [turn], 10, stop_ids=())
+    # The answer's last call (its 2 last tokens) was unread when the slot was freed: 28
+    # fetched, the K/V of 13 + 28 - 1 = 40 tokens written, 5 full pages (the prompt one).
+    assert prefixes[0].cached_tokens == 40
+    eng.free(0)
+
+
 def test_every_page_returns_after_random_requests(model):
     """Random requests with shared prefixes, frees at random times (some before they are
     done, as cancellations): in the end every page is free, and the cached ones count."""
@@ -252,11 +270,11 @@ def test_sampling_equals_one_sequence_alone(model):
 
 
 def test_a_pool_too_small_preempts_and_changes_no_output(model):
-    """20 usable pages of 8 tokens for 4 sequences growing to 50-70 tokens (up to 36
-    pages): the newest are preempted and recomputed, every sequence ends with the tokens of
-    an unconstrained run, sampled ones (penalties, seeds) included, and every page returns."""
+    """20 usable pages of 8 tokens for 4 sequences growing to 48-64 tokens (29 pages): the
+    newest are preempted and recomputed, every sequence ends with the tokens of an
+    unconstrained run, sampled ones (penalties, seeds) included, and every page returns."""
     cfg, params = model
-    ps = prompts([40, 25, 33, 18], seed=9)
+    ps = prompts([34, 25, 33, 18], seed=9)
     settings = [SlotSettings(max_new=30, temperature=0.0),
                 SlotSettings(max_new=30, temperature=0.9, top_p=0.9, seed=3,
                              frequency_penalty=0.5),
@@ -264,11 +282,23 @@ def test_a_pool_too_small_preempts_and_changes_no_output(model):
                 SlotSettings(max_new=30, temperature=1.0, seed=5)]
     want = run(engine(model), ps, settings)
     small = engine(model, num_pages=21)
+    resumed, plan = {}, small._chunks
+
+    def chunks(*args):  # where each slot's first recomputation after decoding starts
+        out = plan(*args)
+        for s, start, _ in out:
+            if not small._filling[s].first:
+                resumed.setdefault(s, start)
+        return out
+
+    small._chunks = chunks
     for slot, p in enumerate(ps):
         small.insert(small.prefill(p), slot, settings[slot])
     assert collect(small, [[] for _ in ps], settings, free_done=True) == want
     assert small.manager.stats.preemptions > 0
     assert small.manager.pool.num_free == small.manager.pool.allocatable
+    # A preempted sequence resumes past its prompt: its generated pages were cached.
+    assert any(start > len(ps[s]) for s, start in resumed.items()), resumed
 
 
 def test_a_long_prompt_is_computed_while_the_others_decode(model):
@@ -281,7 +311,7 @@ def test_a_long_prompt_is_computed_while_the_others_decode(model):
     out = [[], []]
     eng.insert(eng.prefill(ps[0]), 0, SlotSettings(max_new=20, temperature=0.0))
     out[0] += np.asarray(eng.generate().tokens)[0, :1].tolist()  # its prompt and first token
-    eng.insert(eng.prefill(ps[1]), 1, SlotSettings(max_new=10, temperature=0.0))
+    eng.insert(eng.prefill(ps[1]), 1, SlotSettings(max_new=4, temperature=0.0))
     per_step = []
     while eng._filling[1] is not None:
         step = eng.generate()
@@ -293,9 +323,9 @@ def test_a_long_prompt_is_computed_while_the_others_decode(model):
     # 11 prompt tokens per step beside the decode token: 6 steps, the last with the first
     # token of the new prompt.
     assert per_step == [[1, 0]] * 5 + [[1, 1]]
-    got = collect(eng, out, [SlotSettings(max_new=20), SlotSettings(max_new=10)])
+    got = collect(eng, out, [SlotSettings(max_new=20), SlotSettings(max_new=4)])
     assert got == [generate(cfg, params, [ps[0]], 20, stop_ids=())[0],
-                   generate(cfg, params, [ps[1]], 10, stop_ids=())[0]]
+                   generate(cfg, params, [ps[1]], 4, stop_ids=())[0]]
 
 
 def test_warmup_compiles_the_buckets_and_leaves_nothing(model):

@@ -297,6 +297,10 @@ class PageManager:
             if self.prefix_caching:
                 self.pool.register(seq.pages[i], key)
 
+    def committed_pages(self, seq_id: Hashable) -> int:
+        """The sequence's full pages registered by `commit` (or taken from the cache)."""
+        return len(self._seqs[seq_id].keys)
+
     def page_table(self, seq_id: Hashable) -> list[int]:
         return list(self._seqs[seq_id].pages)
 

@@ -35,7 +35,9 @@ The calls, as the orchestrator makes them:
 Prompts that share a prefix are not computed side by side: a prompt whose next page an older
 prompt has yet to compute waits, and takes the page from the cache once it is written, as
 it would have at `prefill` had it come later (agentic conversations that start together all
-begin with the same system prompt and tools).
+begin with the same system prompt and tools). A decoding sequence's pages go into the cache
+too as they fill (when the host fetches its tokens, and at `free`): the next turn of a
+conversation resends the answer, and a preempted sequence is recomputed from its tokens.
 
 Pages are reserved on the host before each call for what every row may write in it. When
 the pool is short the newest sequence is preempted, as vLLM does: its pages are released
@@ -630,6 +632,12 @@ class PagedEngine(Engine):
         try:
             if self._in_use[slot]:
                 raise ValueError(f'slot {slot} is in use; free it first')
+            if prefix.length + settings.max_new > self.capacity:
+                # A caller bug (requests are checked first): past its pages a sequence
+                # would attend the scratch page.
+                raise ValueError(f'a prompt of {prefix.length} tokens and max_new='
+                                 f'{settings.max_new} exceed the {self.capacity} tokens a '
+                                 f'sequence can hold')
             if len(settings.stop_ids) > MAX_STOP_IDS:
                 raise ValueError(f'at most {MAX_STOP_IDS} stop ids, '
                                  f'got {len(settings.stop_ids)}')
@@ -772,8 +780,20 @@ class PagedEngine(Engine):
                     self._history[s] += got
                     # A decode row grew by what it emitted, not by what it might have.
                     self._bound[s] -= max(0, growth[s] - len(got))
+                    if got and self._filling[s] is None and self._slot_seq[s] is not None:
+                        self._commit_generated(s)
             if accepted is not None:
                 self._count_accepted(np.asarray(accepted))
+
+    def _commit_generated(self, s: int) -> None:
+        """Caches the decoding slot's newly full pages, as its prompt's are: the K/V of all
+        its tokens but the last (the next input) is written, and no later step writes below
+        it. So a next turn that resends the answer, or the slot recomputed after a
+        preemption, finds them."""
+        written = len(self._prompt[s]) + len(self._history[s]) - 1
+        seq = self._slot_seq[s]
+        if written // self.page_size > self.manager.committed_pages(seq):
+            self.manager.commit(seq, (self._prompt[s] + self._history[s])[:written])
 
     def _count_accepted(self, accepted: np.ndarray) -> None:
         """accepted [B, steps]: drafts each row's step accepted, -1 where it did not decode."""
@@ -917,6 +937,9 @@ class PagedEngine(Engine):
     def free(self, slot: int) -> None:
         if not self._in_use[slot]:
             return
+        # The caller has read all calls but the last: their tokens cost only a copy, and
+        # their full pages go into the prefix cache before the sequence lets them go.
+        self._fetch(keep=1)
         if self._slot_seq[slot] is not None:
             self.manager.finish(self._slot_seq[slot])
         self._in_use[slot] = False
