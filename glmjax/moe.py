@@ -10,6 +10,8 @@ The routed experts have more than one implementation, all computing the same sum
   where reading all E experts would be the whole cost.
 - `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For prefill and
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
+The sorted ones (`grouped`, `tiled`, `batched`) compute no pair of routing weight 0: padding
+tokens of a ragged batch, and under expert parallelism the experts of other shards.
 - `tiled`: tokens sorted by expert, each expert's weights read once and its rows run in
   tiles of plain matmuls. The same work as `grouped` whatever the routing.
 - `batched`: each expert's tokens in a block of C rows (C chosen per call, from the mean
@@ -80,21 +82,24 @@ def experts_gather(x, weights, ids, gate, up, down):
 
 
 def experts_grouped(x, weights, ids, gate, up, down):
+    """The token-expert pairs sorted by expert and grouped matmuls (`ragged_dot`) over them.
+    Pairs of weight 0 (padding tokens, experts on other shards) sort past every group, so the
+    kernels never compute them: under expert parallelism each shard computes its own pairs,
+    not every token's."""
     T, k = ids.shape
     E = gate.shape[0]
-    flat = ids.reshape(-1)  # [T*k]
-    order = jnp.argsort(flat, stable=True)
-    tokens = x[order // k]  # [T*k, D], grouped by expert
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    order, group, sizes, _ = _sort_pairs(weights, ids, E)
+    sizes = sizes.astype(jnp.int32)
+    tokens = x[order // k]  # [T*k, D], grouped by expert, then the pairs of no group
     # gate/up are [E, F, D]: contract the tokens' D with the weights' last dim.
     dims = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[0])
     h = (jax.nn.silu(jax.lax.ragged_dot_general(tokens, gate, sizes, dims))
          * jax.lax.ragged_dot_general(tokens, up, sizes, dims))
-    h = h * weights.reshape(-1)[order][:, None].astype(h.dtype)
-    y = jax.lax.ragged_dot(h, down, sizes)  # [T*k, D]
-    return jax.ops.segment_sum(y, order // k, num_segments=T)
+    y = jax.lax.ragged_dot(h, down, sizes)  # [T*k, D]; rows past the groups: not read
+    dest = jnp.where(group < E, jnp.arange(T * k), T * k)
+    return _combine(y, dest, order, weights, T, k)
 
 
 def _sort_pairs(weights, ids, E):

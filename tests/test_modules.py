@@ -91,7 +91,7 @@ def test_final_norm(pair):
 
 @pytest.mark.parametrize('T,k,E,skew', [(7, 2, 4, False), (300, 4, 16, False),
                                          (400, 4, 16, True), (64, 8, 160, False)])
-@pytest.mark.parametrize('impl', ['tiled', 'batched'])
+@pytest.mark.parametrize('impl', ['tiled', 'batched', 'grouped'])
 def test_sorted_experts_equal_dense_for_any_routing(T, k, E, skew, impl):
     """Groups of every size, tiles that run past their group, most pairs on two experts
     (groups longer than `tiled`'s large tile; for `batched`: past its capacities, so run
@@ -114,3 +114,30 @@ def test_sorted_experts_equal_dense_for_any_routing(T, k, E, skew, impl):
     assert (largest > tile_rows(T * k, E)[0]) == skew
     np.testing.assert_allclose(np.asarray(jax.jit(EXPERT_IMPLS[impl])(*args)),
                                np.asarray(experts_dense(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_experts_compute_no_pair_of_weight_zero(monkeypatch):
+    """Padding tokens and the experts of other shards route with weight 0: `grouped` gives
+    its grouped matmuls only the weighted pairs (the groups add up to their count, the rest
+    of the rows are in no group), and its sums equal the dense reference's."""
+    from glmjax.moe import experts_dense, experts_grouped
+    T, k, E, F, D = 40, 4, 8, 8, 16
+    rng = np.random.RandomState(0)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    weights = rng.uniform(size=(T, k)).astype(np.float32)
+    weights[30:] = 0.0  # padding tokens
+    weights[ids >= E // 2] = 0.0  # another shard's experts
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    gate, up, down = (rng.normal(size=(E, F, D)).astype(np.float32) / 4 for _ in range(3))
+    args = [jnp.asarray(a) for a in (x, weights, ids, gate, up, down)]
+    grouped, real = [], jax.lax.ragged_dot_general
+
+    def spy(lhs, rhs, group_sizes, *a, **kw):
+        grouped.append(int(np.asarray(group_sizes).sum()))
+        return real(lhs, rhs, group_sizes, *a, **kw)
+
+    monkeypatch.setattr(jax.lax, 'ragged_dot_general', spy)
+    got = experts_grouped(*args)  # eagerly, so that the group sizes are concrete
+    assert len(grouped) >= 2 and set(grouped) == {int((weights > 0).sum())} and grouped[0] < T * k
+    np.testing.assert_allclose(np.asarray(got), np.asarray(experts_dense(*args)), rtol=1e-5,
+                               atol=1e-5)
