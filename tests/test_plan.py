@@ -72,7 +72,20 @@ def test_glm46_bf16_fits_h200_with_expert_parallelism_but_not_h100():
     assert h200['kv_page_bytes_per_device'] == 16 * KV_PER_TOKEN
     assert h200['kv_page_token_capacity'] == int(free // (16 * KV_PER_TOKEN)) * 16
     assert h200['sequences_of_max_seq_len'] == h200['kv_page_capacity'] // (8192 // 16)
-    assert 0 < h200['temp_bytes_per_device'] < 10e9
+    # Temporaries: the larger of a decode step's and a step of 8,192 prompt tokens (what
+    # glmjax-serve may measure as its budget), within the 10% of memory that its pool leaves.
+    assert h200['step_tokens'] == 8192
+    assert h200['temp_bytes_per_device'] == max(h200['decode_temp_bytes_per_device'],
+                                                h200['step_temp_bytes_per_device']) > 0
+    assert h200['serve_default_pool_leaves_room']
+    assert h200['temp_bytes_per_device'] <= h200['serve_temp_reserve_bytes_per_device']
+    assert near(h200['serve_temp_reserve_bytes_per_device'], 14.1e9, 1e-6)
+    # Every sorted MoE implementation holds the step's [T * top_k, D] token-expert pairs.
+    short = plan_json('--mesh', 'expert=8', '--device_memory_gb', '141', '--max_seq_len', '8192',
+                      '--max_num_batched_tokens', '256')
+    pairs = (8192 - 256) * 8 * D * 2
+    assert h200['step_temp_bytes_per_device'] - short['step_temp_bytes_per_device'] > pairs
+    assert short['kv_token_capacity'] > h200['kv_token_capacity']
 
     h100 = plan_json('--mesh', 'expert=8', '--device_memory_gb', '80', '--max_seq_len', '8192')
     assert not h100['fits'] and h100['kv_token_capacity'] == 0  # the weights alone are 119 GB
@@ -118,6 +131,16 @@ def test_plan_report_and_errors():
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'weights' in done.stdout and 'FITS' in done.stdout and 'KV capacity' in done.stdout
     assert '--kv_cache_gb' in done.stdout and '--rules ep_tp splits them' in done.stdout
+    # GLM-4.5-Air on 8 devices of 36 GB: a step of 8,192 prompt tokens needs more than the
+    # 3.6 GB that glmjax-serve's default pool leaves; one of 2,048 does not.
+    for tokens, note in ('8192', True), ('2048', False):
+        done, _ = glmjax_plan('--config', 'glm-4.5-air', '--mesh', 'tensor=8',
+                              '--device_memory_gb', '36', '--max_num_batched_tokens', tokens)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert 'FITS: room for' in done.stdout
+        assert ("note: glmjax-serve's default pool leaves 10% of a device for temporaries, "
+                '3.60 GB, less than the temporaries above: give it --kv_cache_gb '
+                in done.stdout) == note, done.stdout
     done, _ = glmjax_plan('--mesh', 'expert=3')
     assert done.returncode != 0
     assert "give mesh axis 'expert' a size that divides 160" in done.stderr

@@ -1,8 +1,9 @@
 """glmjax-plan: does a model fit a mesh, and how many tokens of KV cache are left?
 
-It compiles the real decode step (`glmjax.decode`) against abstract, sharded inputs on a
-simulated mesh of CPU devices (nothing is allocated) and reads XLA's per-device memory
-analysis. Example:
+It compiles the real decode step (`glmjax.decode`) and the paged engine's largest step (a
+ragged batch of --max_num_batched_tokens prompt tokens, `paged_forward`) against abstract,
+sharded inputs on a simulated mesh of CPU devices (nothing is allocated) and reads XLA's
+per-device memory analysis. Example:
 
     glmjax-plan --config glm-4.6 --mesh expert=8 --device_memory_gb 141 --weight_dtype bf16
 
@@ -10,7 +11,7 @@ The arithmetic, per device:
   weights      the shard of every parameter (MTP layer included), exact from the shardings
   KV cache     max_batch x max_seq_len tokens; a token costs layers x 2 (k, v) x KV heads on
                this device x head_dim x bytes
-  temporaries  from the compile (see below)
+  temporaries  from the compiles (see below): the larger of the two steps
   fits         weights + temporaries + one sequence of max_seq_len in KV pages <= device
                memory (the paged engine holds what fits and preempts the rest; that every
                row at full length fits too, weights + KV cache + temporaries, is reported)
@@ -27,9 +28,14 @@ KV cache + tokens; the report shows both.
 Temporaries: XLA:CPU keeps fp32 copies of bf16/fp8 weights for its dots, and keeps every
 layer's copies live at once, so its temp_size_in_bytes for the full depth is far above what
 a GPU/TPU step needs; it is reported but not counted. What is counted is the temporaries of
-the smallest compile (the dense layers + 1 MoE layer): an accelerator runs the layers one
-after another, so its peak is the fixed part plus about one layer, which that bounds from
-above (still inflated by the CPU's copies). Memory sizes are decimal: 1 GB = 1e9 bytes.
+the smallest compile (the dense layers + 1 MoE layer), an accelerator running the layers one
+after another, with fp32 weights and KV of the same shapes and shardings: so no copies of
+them, and fp32 activations, about twice an accelerator's bf16 ones (XLA:CPU's MoE and attention
+implementations; 1-byte weights' dequantized copies are not counted). A step of many prompt
+tokens needs more than a decode step: glmjax-serve measures its budget up to
+MAX_MEASURED_BUDGET tokens and leaves 1 - KV_MEMORY_FRACTION of a device for temporaries when
+it sizes the pool itself; the report says when that is less than the temporaries. Memory
+sizes are decimal: 1 GB = 1e9 bytes.
 """
 
 import dataclasses
@@ -47,7 +53,8 @@ from glmjax.config import ConfigError, GlmConfig
 from glmjax.inference import decode
 from glmjax.mesh_axes import DATA
 from glmjax.model import abstract_params, param_axes
-from glmjax.paged_inference import init_pages
+from glmjax.paged_inference import init_pages, paged_forward
+from glmjax.serving.paged_engine import KV_MEMORY_FRACTION, MAX_MEASURED_BUDGET
 from glmjax.sharding.mesh import MeshError, check_axis_sizes, format_mesh, make_mesh, parse_mesh
 from glmjax.sharding.rules import (
     DEFAULT_RULES,
@@ -106,6 +113,27 @@ def compile_decode(cfg, mesh, params, kv_dtype, rules, batch, seq_len):
             'outputs': memory.output_size_in_bytes - memory.alias_size_in_bytes}
 
 
+def compile_paged_step(cfg, mesh, params, kv_dtype, rules, tokens: int, rows: int,
+                       seq_len: int, page_size: int):
+    """Per-device memory analysis of the paged engine's largest step: a ragged batch of
+    `tokens` prompt tokens over `rows` rows (`paged_forward`; its pool, an argument, holds
+    one sequence of seq_len)."""
+    M = -(-seq_len // page_size)
+    pages = jax.eval_shape(lambda: init_pages(cfg, M + 1, page_size, kv_dtype))
+    pages = with_shardings(pages, pages_shardings(cfg, mesh, pages, rules))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def i32(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
+
+    with jax.set_mesh(mesh):
+        lowered = paged_forward.lower(cfg, params, i32(tokens), i32(tokens), pages, i32(rows),
+                                      i32(rows, M), i32(rows + 1), i32(1))
+    memory = lowered.compile().memory_analysis()
+    return {'temp': memory.temp_size_in_bytes,
+            'outputs': memory.output_size_in_bytes - memory.alias_size_in_bytes}
+
+
 def compiled_sizes(cfg: GlmConfig, mesh, params: dict, kv_dtype, rules, batch: int,
                    seq_len: int) -> tuple[dict, dict, list[int]]:
     """Compiled sizes at full depth (extrapolated, see the module docstring), the sizes of
@@ -126,7 +154,8 @@ def compiled_sizes(cfg: GlmConfig, mesh, params: dict, kv_dtype, rules, batch: i
 
 def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
          weight_dtype='bf16', kv_dtype='bf16', max_batch: int = 1, max_seq_len: int = 32768,
-         rules: str = DEFAULT_RULES, page_size: int = 16) -> dict:
+         rules: str = DEFAULT_RULES, page_size: int = 16,
+         step_tokens: int = MAX_MEASURED_BUDGET) -> dict:
     """The plan as a dict (what --json prints). JAX must already see the mesh's devices."""
     mesh = make_mesh(axis_sizes)
     wdtype, kvdtype = WEIGHT_DTYPES[weight_dtype], KV_DTYPES[kv_dtype]
@@ -147,7 +176,17 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
 
     full, smallest, counts = compiled_sizes(cfg, mesh, params, kvdtype, rules, max_batch,
                                             max_seq_len)
-    temps = smallest['temp'] + smallest['outputs']
+    # Temporaries from fp32 weights and KV of the same shapes and shardings (see the
+    # docstring).
+    small_cfg, fp32 = truncated(cfg, counts[0], jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), params))
+    decode_temps = (compile_decode(small_cfg, mesh, fp32, jnp.float32, rules, max_batch,
+                                   max_seq_len)['temp'] + smallest['outputs'])
+    step = compile_paged_step(small_cfg, mesh, fp32, jnp.float32, rules, step_tokens,
+                              max_batch, max_seq_len, page_size)
+    step_temps = step['temp'] + step['outputs']
+    temps = max(decode_temps, step_temps)
+    reserve = (1 - KV_MEMORY_FRACTION) * device_memory_bytes
     decode_weights = bytes_per_device(params['model'])
     free = device_memory_bytes - weights - temps
     used = weights + kv_cache + temps
@@ -162,6 +201,11 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         'kv_bytes_per_token_per_device': kv_token_device,
         'kv_cache_bytes_per_device': kv_cache,
         'temp_bytes_per_device': temps,
+        'decode_temp_bytes_per_device': decode_temps,
+        'step_tokens': step_tokens,
+        'step_temp_bytes_per_device': step_temps,
+        'serve_temp_reserve_bytes_per_device': int(reserve),
+        'serve_default_pool_leaves_room': bool(temps <= reserve),
         'cpu_temp_bytes_full_depth': full['temp'],
         'compiled_argument_bytes_per_device': full['arguments'],
         'expected_argument_bytes_per_device': decode_weights + kv_cache
@@ -207,8 +251,10 @@ def report(cfg_name: str, p: dict) -> str:
         f"  KV cache    {g(p['kv_cache_bytes_per_device'])}  {p['max_batch']} rows x "
         f"{p['max_seq_len']} tokens x {p['kv_bytes_per_token_per_device']} B per token on "
         f"a device (a token's whole KV: {p['kv_bytes_per_token']} B)",
-        f"  temporaries {g(p['temp_bytes_per_device'])}  of the {p['layers_compiled'][0]}"
-        '-layer compile (XLA:CPU; an accelerator needs less)',
+        f"  temporaries {g(p['temp_bytes_per_device'])}  the larger of the "
+        f"{p['layers_compiled'][0]}-layer compiles (XLA:CPU, fp32 activations): a "
+        f"step of {p['step_tokens']:,} prompt tokens {g(p['step_temp_bytes_per_device']).strip()}"
+        f", a decode step {g(p['decode_temp_bytes_per_device']).strip()}",
         f"  total       {g(p['used_bytes_per_device'])}  of {g(p['device_memory_bytes'])} "
         f'with every row at full length: {full}',
         verdict,
@@ -226,6 +272,14 @@ def report(cfg_name: str, p: dict) -> str:
         f"XLA:CPU temporaries {g(p['cpu_temp_bytes_full_depth']).strip()} (inflated by fp32 "
         'weight copies; not counted)',
     ]
+    if not p['serve_default_pool_leaves_room']:
+        fix = (f"give it --kv_cache_gb {p['kv_cache_gb_flag']} (the pool above), or a "
+               'smaller --max_num_batched_tokens' if p['fits'] else
+               'a smaller --max_num_batched_tokens needs less')
+        lines.append(f"note: glmjax-serve's default pool leaves "
+                     f"{1 - KV_MEMORY_FRACTION:.0%} of a device for temporaries, "
+                     f"{g(p['serve_temp_reserve_bytes_per_device']).strip()}, less than the "
+                     f'temporaries above: {fix}')
     if p['devices'] > 1 and p['kv_bytes_per_token_per_device'] == p['kv_bytes_per_token'] \
             and p['mesh'].get('expert', 1) > 1:
         lines.append(f"note: every device holds the whole KV cache and all of the attention "
@@ -248,6 +302,9 @@ def define_flags() -> None:
     flags.DEFINE_integer('max_batch', 1, 'decode slots (rows of the KV cache)')
     flags.DEFINE_integer('max_seq_len', 32768, 'cache length of each row')
     flags.DEFINE_integer('page_size', 16, 'tokens per KV page of the paged engine')
+    flags.DEFINE_integer('max_num_batched_tokens', MAX_MEASURED_BUDGET, 'tokens of the paged '
+                         "engine's largest step (glmjax-serve's flag; by default it measures "
+                         f'one up to {MAX_MEASURED_BUDGET})')
     flags.DEFINE_bool('json', False, 'print one JSON object instead of the report')
 
 
@@ -265,7 +322,8 @@ def main(argv):
         jax.config.update('jax_num_cpu_devices', math.prod(check_axis_sizes(axis_sizes)))
         cfg = load_config(f.config)
         result = plan(cfg, axis_sizes, f.device_memory_gb * GB, f.weight_dtype, f.kv_dtype,
-                      f.max_batch, f.max_seq_len, f.rules, f.page_size)
+                      f.max_batch, f.max_seq_len, f.rules, f.page_size,
+                      f.max_num_batched_tokens)
     except (ConfigError, MeshError, RulesError) as e:
         sys.exit(f'glmjax-plan: {e}')
     print(json.dumps({'config': f.config, **result}) if f.json else report(f.config, result))
