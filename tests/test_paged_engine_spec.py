@@ -89,6 +89,10 @@ def test_greedy_equals_plain_decoding_and_drafts_are_accepted(demo, prompts, pla
     assert per_pos[0] > 0 and all(a >= b for a, b in zip(per_pos, per_pos[1:]))
     # Fewer calls than tokens: accepted drafts gave several tokens per step.
     assert m['spec_decode_num_accepted_tokens'] > 0
+    # Every page the answers filled is in the prefix cache (all their tokens were fetched;
+    # the K/V of each sequence's last token is not written).
+    for slot, (p, o) in enumerate(zip(prompts, plain)):
+        assert eng.manager.committed_pages(eng._slot_seq[slot]) == (len(p) + len(o) - 1) // PAGE
 
 
 def test_a_stop_id_inside_an_accepted_run(demo, prompts, plain):
