@@ -10,14 +10,14 @@ The routed experts have more than one implementation, all computing the same sum
   where reading all E experts would be the whole cost.
 - `grouped`: tokens sorted by expert and a grouped matmul (`ragged_dot`). For prefill and
   large batches on accelerators (on XLA:CPU ragged_dot is decomposed and slow).
-The sorted ones (`grouped`, `tiled`, `batched`) compute no pair of routing weight 0: padding
-tokens of a ragged batch, and under expert parallelism the experts of other shards.
 - `tiled`: tokens sorted by expert, each expert's weights read once and its rows run in
   tiles of plain matmuls. The same work as `grouped` whatever the routing.
 - `batched`: each expert's tokens in a block of C rows (C chosen per call, from the mean
   group size to twice it), one batched matmul that reads every expert's weights once, in
   place; `tiled` for the pairs of larger groups past C. The fastest on CPU from one pair
   per expert up (BENCHMARKS.md).
+The sorted ones (`grouped`, `tiled`, `batched`) compute no pair of routing weight 0: padding
+tokens of a ragged batch, and under expert parallelism the experts of other shards.
 Under a mesh with an `expert` axis > 1 (`jax.set_mesh`) any of them runs expert-parallel:
 each shard over its own experts, the partial sums added by a psum (`experts_parallel`).
 """
