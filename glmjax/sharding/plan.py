@@ -107,7 +107,12 @@ def compile_decode(cfg, mesh, params, kv_dtype, rules, batch, seq_len):
     cache = cache_shapes(cfg, batch, seq_len, kv_dtype)
     cache = with_shardings(cache, cache_shardings(cfg, mesh, cache, rules))
     with jax.set_mesh(mesh):
-        lowered = decode.lower(cfg, params, token_shapes(mesh, rules, batch), cache)
+        return memory_sizes(decode.lower(cfg, params, token_shapes(mesh, rules, batch), cache))
+
+
+def memory_sizes(lowered) -> dict:
+    """Per-device bytes of a lowered program's compile: arguments, temporaries, and outputs
+    that are not donated arguments' buffers."""
     memory = lowered.compile().memory_analysis()
     return {'arguments': memory.argument_size_in_bytes, 'temp': memory.temp_size_in_bytes,
             'outputs': memory.output_size_in_bytes - memory.alias_size_in_bytes}
@@ -127,11 +132,8 @@ def compile_paged_step(cfg, mesh, params, kv_dtype, rules, tokens: int, rows: in
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
 
     with jax.set_mesh(mesh):
-        lowered = paged_forward.lower(cfg, params, i32(tokens), i32(tokens), pages, i32(rows),
-                                      i32(rows, M), i32(rows + 1), i32(1))
-    memory = lowered.compile().memory_analysis()
-    return {'temp': memory.temp_size_in_bytes,
-            'outputs': memory.output_size_in_bytes - memory.alias_size_in_bytes}
+        return memory_sizes(paged_forward.lower(cfg, params, i32(tokens), i32(tokens), pages,
+                                                i32(rows), i32(rows, M), i32(rows + 1), i32(1)))
 
 
 def compiled_sizes(cfg: GlmConfig, mesh, params: dict, kv_dtype, rules, batch: int,
@@ -177,7 +179,7 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
     full, smallest, counts = compiled_sizes(cfg, mesh, params, kvdtype, rules, max_batch,
                                             max_seq_len)
     # Temporaries from fp32 weights and KV of the same shapes and shardings (see the
-    # docstring).
+    # docstring); the decode step's outputs (its new cache) at the real dtypes.
     small_cfg, fp32 = truncated(cfg, counts[0], jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), params))
     decode_temps = (compile_decode(small_cfg, mesh, fp32, jnp.float32, rules, max_batch,
