@@ -17,7 +17,7 @@ from glmjax.cache import init_cache
 from glmjax.demo import tiny_glm46
 from glmjax.inference import decode, prefill
 from glmjax.model import init_params
-from glmjax.paged_inference import init_pages, paged_forward
+from glmjax.paged_inference import init_pages, paged_forward, pages_bytes
 from glmjax.sampling import sample
 from glmjax.serving.engine import SlotSettings
 from glmjax.serving.paged_engine import PagedEngine, choose_budget, chunk_cost, chunk_stop
@@ -461,20 +461,27 @@ def test_on_a_mesh_greedy_equals_generate(model, axes, rules, heads):
 
 def test_the_pool_fills_the_devices_memory_where_they_report_it(model, monkeypatch):
     """Without num_pages or kv_cache_bytes, on devices that report their memory (GPU, TPU):
-    as many pages as fit in 90% of a device's memory less what it uses, counting a page as
-    the shard a device holds (half of it with the kv heads over 2 devices) and the MTP
-    layer's pages with speculation; too little memory is an error with the numbers."""
+    as many pages as fit in 90% of a device's memory less what it uses and the largest
+    step's temporaries (`_temporaries`, here made up), counting a page as the shard a device
+    holds (half of it with the kv heads over 2 devices) and the MTP layer's pages with
+    speculation; too little memory is an error with the numbers."""
     from glmjax import sharding
     from glmjax.serving import paged_engine
     cfg, params = model
     one = jax.eval_shape(lambda: init_pages(cfg, 1, PAGE, jnp.float32))
     page = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(one))
-    used = 12_345
-    limit = int((37.5 * page + used) / paged_engine.KV_MEMORY_FRACTION) + 1
+    used, temps = 12_345, 10 * page
+    limit = int((37.5 * page + used + temps) / paged_engine.KV_MEMORY_FRACTION) + 1
     memory = {'limit': limit}
     monkeypatch.setattr(paged_engine, 'device_memory',
                         lambda devices: [(memory['limit'], used)] * len(devices))
-    assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE).num_pages == 37
+    monkeypatch.setattr(PagedEngine, '_temporaries', lambda self: temps)
+    plain = PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE)
+    assert (plain.num_pages, plain.temp_bytes) == (37, temps)
+    from glmjax.serving.server import pool_line
+    assert pool_line(plain) == (f'KV pages: 36 of {PAGE} tokens ({36 * PAGE} tokens), 90% of '
+                                f'each device less what is in use and {temps / 1e9:.2f} GB '
+                                "for the largest step's temporaries")
     # With speculation one layer's pages more per page: 37.5 x L / (L + 1) of them.
     L = cfg.num_hidden_layers
     assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE, speculative_tokens=1
@@ -483,9 +490,36 @@ def test_the_pool_fills_the_devices_memory_where_they_report_it(model, monkeypat
     sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh, 'ep_tp'))
     split = PagedEngine(cfg, sharded, 2, MAX_SEQ, page_size=PAGE, mesh=mesh, rules='ep_tp')
     assert split.num_pages == 75  # each device holds 1 of the 2 kv heads of every page
-    memory['limit'] = 1000
-    with pytest.raises(ValueError, match='no room for KV pages: 90% of a device.s memory '
-                                         'less the 12,345 bytes in use leaves'):
+    memory['limit'] = int((used + temps) / paged_engine.KV_MEMORY_FRACTION) + page
+    with pytest.raises(ValueError, match=f'no room for KV pages: 90% of a device.s memory '
+                                         f'less the 12,345 bytes in use and the {temps:,} '
+                                         'bytes of the largest step.s temporaries leaves'):
         PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE)
     # Given a size, memory is not asked.
     assert PagedEngine(cfg, params, 2, MAX_SEQ, page_size=PAGE, num_pages=9).num_pages == 9
+
+
+def test_the_pool_leaves_room_for_the_largest_programs_temporaries(monkeypatch):
+    """The temporaries the pool leaves room for are those XLA compiles for the engine's
+    largest programs, extrapolated from a few layers to the model's depth (no less than a
+    compile of every layer gives, and not much more); at least the forward of the largest
+    step (the most prompt tokens warm-up may choose), as glmjax-plan compiles it."""
+    import dataclasses
+
+    from glmjax.serving import paged_engine
+    from glmjax.sharding import plan
+    cfg = dataclasses.replace(tiny_glm46(), first_k_dense_replace=1)  # 5 layers: 2, 3 compiled
+    params = init_params(cfg, jnp.float32, seed=2)
+    monkeypatch.setattr(paged_engine, 'device_memory', lambda devices: [(10 ** 10, 0)])
+    # One sequence: the step of 1,024 prompt tokens needs more than a decode call.
+    eng = PagedEngine(cfg, params, 1, 1024, page_size=PAGE, max_num_batched_tokens=None)
+    every_layer = paged_engine.full_depth
+    monkeypatch.setattr(paged_engine, 'full_depth', lambda cfg, sizes_at: every_layer(
+        dataclasses.replace(cfg, first_k_dense_replace=cfg.num_hidden_layers), sizes_at))
+    every = eng._temporaries()
+    assert every <= eng.temp_bytes <= 1.05 * every  # at most a little more than needed
+    step = plan.compile_paged_step(cfg, eng.layout.mesh, params, jnp.float32, None, 1024, 1,
+                                   1024, PAGE)
+    assert eng.temp_bytes >= step['temp'] + step['outputs']
+    assert eng.num_pages == int(0.9 * 10 ** 10 - eng.temp_bytes) // pages_bytes(
+        cfg, 1, PAGE, jnp.float32)

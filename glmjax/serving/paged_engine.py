@@ -100,6 +100,7 @@ from glmjax.serving.engine import (
     prompt_bucket,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
+from glmjax.sharding.compiled import full_depth, memory_sizes, truncated
 from glmjax.sharding.mesh import make_mesh
 from glmjax.sharding.rules import (
     Rules,
@@ -113,8 +114,9 @@ from glmjax.token_mask import bitmask_words
 
 MIN_TOKEN_BUCKET = 16  # a mixed step's tokens are padded to powers of two from here
 # Without num_pages or kv_cache_bytes, on devices that report their memory: the pool takes
-# this share of each device's memory, less what is in use (the weights); the rest is for the
-# steps' temporaries (vLLM's gpu_memory_utilization, whose default this is).
+# this share of each device's memory, less what is in use (the weights) and the largest
+# program's temporaries, compiled (vLLM's gpu_memory_utilization, whose default this is; the
+# rest is a margin for what the compiler's analysis does not see).
 KV_MEMORY_FRACTION = 0.9
 # max_num_batched_tokens=None: the budget is measured at warm-up, among the token buckets
 # from max_batch up to this; each step timed this many times after a first run, the fastest
@@ -431,8 +433,9 @@ class PagedEngine(Engine):
     max_batch: concurrent sequences (slots). The pool has `num_pages` pages of `page_size`
     positions (page 0 is scratch), or as many as `kv_cache_bytes` holds (whole tokens' K/V,
     over all devices); by default, on devices that report their memory (GPU, TPU), as many
-    as fit in KV_MEMORY_FRACTION of each device's memory less what is in use (the weights),
-    else enough for max_batch full-length sequences. Its dtype is the weights'.
+    as fit in KV_MEMORY_FRACTION of each device's memory less what is in use (the weights)
+    and the temporaries of the largest programs (`_temporaries`, `temp_bytes`), else enough
+    for max_batch full-length sequences. Its dtype is the weights'.
     max_num_batched_tokens: tokens per mixed step (decode rows plus prompt chunks), at least
     max_batch; None: measured by `warmup` (`choose_budget` on the token buckets from
     max_batch up to max_seq_len and MAX_MEASURED_BUDGET; until then the smallest), and a
@@ -496,7 +499,6 @@ class PagedEngine(Engine):
         self.dtype = jnp.dtype(params['model']['embed'].dtype)
         mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
         self.layout = Layout(mesh, get_rules(rules))
-        self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
@@ -505,11 +507,16 @@ class PagedEngine(Engine):
         # must never get the decode-only kernel, even with fewer tokens than rows.
         self.decode_impl = attn_impl or choose_impl(1, 1)
         self.mixed_impl = attn_impl or choose_impl(2, 1)
-        pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
-        self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules)
-        spec = self._pages_sharding.k[0].spec
+        one = jax.eval_shape(lambda: init_pages(cfg, 1, page_size, self.dtype))
+        spec = pages_shardings(cfg, mesh, one, self.layout.rules).k[0].spec
         self.heads_axis = spec[0] if len(spec) else None  # where the rules put the kv heads
-        self._pages_sharding = self._pages_sharding.replace(heads_axis=self.heads_axis)
+        # Per device, what the largest programs need beside their arguments, where the pool
+        # is sized from the devices' memory (`_temporaries`); None: not asked.
+        self.temp_bytes: int | None = None
+        self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
+        self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules).replace(
+            heads_axis=self.heads_axis)
         mtp = jax.eval_shape(lambda: init_mtp_pages(cfg, self.num_pages, page_size, self.dtype))
         self._mtp_sharding = pages_shardings(cfg, mesh, mtp, self.layout.rules).replace(
             heads_axis=self.heads_axis)
@@ -557,13 +564,16 @@ class PagedEngine(Engine):
 
     def _pages_in_memory(self) -> int | None:
         """The pages that fit in KV_MEMORY_FRACTION of each device's memory less what it
-        uses, the same on every process (the smallest); None where devices do not say."""
+        uses and the largest program's temporaries, the same on every process (the
+        smallest); None where devices do not say."""
         mesh = self.layout.mesh
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         memory = device_memory(local)
         if memory is None:
             return None
+        self.temp_bytes = self._temporaries()
         free = min(int(KV_MEMORY_FRACTION * limit) - used for limit, used in memory)
+        free -= self.temp_bytes
         # One page of every pool (the MTP layer's too), as the rules shard it on a device.
         inits = (init_pages, init_mtp_pages) if self.num_drafts else (init_pages,)
         page = 0
@@ -578,9 +588,67 @@ class PagedEngine(Engine):
         if pages < 2:
             raise ValueError(f'no room for KV pages: {KV_MEMORY_FRACTION:.0%} of a device\'s '
                              f'memory less the {max(u for _, u in memory):,} bytes in use '
-                             f'leaves {free:,} bytes, and a page takes {page:,} on a device; '
-                             f'give --kv_cache_gb (kv_cache_bytes), or more devices')
+                             f'and the {self.temp_bytes:,} bytes of the largest step\'s '
+                             f'temporaries leaves {free:,} bytes, and a page takes {page:,} '
+                             f'on a device; give --kv_cache_gb (kv_cache_bytes), a smaller '
+                             f'--max_num_batched_tokens or --max_batch, or more devices')
         return int(pages)
+
+    def _temporaries(self) -> int:
+        """Per-device bytes the engine's programs need beside their arguments at their
+        largest: the mixed step of the most tokens it may take (its forward's temporaries
+        and outputs, then its sampling's beside those outputs) and the decode calls of
+        max_batch rows, plain and speculative; the most of these. From XLA's memory
+        analysis of each program compiled against abstract inputs (nothing is allocated),
+        the model cut to a few layers and extrapolated to its depth (full_depth). The pools
+        are donated and written in place, so a pool of 2 pages stands for any."""
+        B, M, k = self.max_batch, self.max_pages_per_seq, self.num_drafts
+        T = (self._budget_sizes(B, self.max_seq_len)[-1] if self.measures_budget
+             else self.max_num_batched_tokens)
+        mesh, rules, replicated = self.layout.mesh, self.layout.rules, self.layout.replicated
+
+        def like(tree, sharding=None):
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=sharding or x.sharding), tree)
+
+        def host(shape, dtype=jnp.int32):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+        state = like(jax.eval_shape(functools.partial(
+            _empty_state, B, self.vocab_size, k, self.cfg.hidden_size, self.dtype)), replicated)
+        rows = (host((B,)), host((1,)), host((B, M)))  # slots, num_seqs, page table
+        ragged = (host((T,)), host((B,)), host((B + 1,)), host((B,)), host((B,), bool))
+
+        def sizes_at(n: int) -> dict[str, int]:
+            cfg, params = truncated(self.cfg, n, like(self.params))
+
+            def pool(init):
+                shapes = jax.eval_shape(functools.partial(init, cfg, 2, self.page_size,
+                                                          self.dtype, self.heads_axis))
+                return with_shardings(shapes, pages_shardings(cfg, mesh, shapes, rules))
+
+            pages, mtp = pool(init_pages), pool(init_mtp_pages) if k else None
+            with jax.set_mesh(mesh):
+                lowered = _mixed_forward.lower(cfg, self.mixed_impl, k, params, pages, state,
+                                               *ragged, *rows[1:])
+                _, h, logits = like(lowered.out_info, replicated)
+                forward = memory_sizes(lowered)
+                sample = memory_sizes(_mixed_sample.lower(
+                    cfg, self.mixed_impl, self.steps_per_call, k, params, mtp, state, h,
+                    logits, *ragged, host((B,), bool), host((B,)), *rows[1:],
+                    host((B, bitmask_words(self.vocab_size)))))
+                calls = [memory_sizes(_generate.lower(cfg, self.decode_impl,
+                                                      self.steps_per_call, k, params, pages,
+                                                      mtp, state, *rows))]
+                if k:
+                    calls.append(memory_sizes(_speculate.lower(
+                        cfg, self.decode_impl, self.steps_per_call, params, pages, mtp, state,
+                        *rows)))
+            return {'forward': forward['temp'] + forward['outputs'],
+                    'sample': forward['outputs'] + sample['temp'] + sample['outputs'],
+                    **{f'decode {i}': c['temp'] + c['outputs'] for i, c in enumerate(calls)}}
+
+        return max(full_depth(self.cfg, sizes_at)[0].values())
 
     def reset(self) -> None:
         """A new pool, decode state and page manager: every sequence and cached page gone."""

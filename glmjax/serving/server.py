@@ -38,7 +38,7 @@ from glmjax.progress import Progress
 from glmjax.serving import lockstep
 from glmjax.serving.chat import ChatTemplate
 from glmjax.serving.engine import EngineLost
-from glmjax.serving.paged_engine import PagedEngine
+from glmjax.serving.paged_engine import KV_MEMORY_FRACTION, PagedEngine
 from glmjax.serving.service import GlmServer
 from glmjax.serving.tokenizer import Tokenizer
 from glmjax.sharding import distributed
@@ -212,6 +212,16 @@ def budget_line(engine: PagedEngine) -> str:
     return line
 
 
+def pool_line(engine: PagedEngine) -> str:
+    """The KV page pool, as the server prints it at start-up."""
+    line = (f'KV pages: {engine.num_pages - 1:,} of {engine.page_size} tokens '
+            f'({(engine.num_pages - 1) * engine.page_size:,} tokens)')
+    if engine.temp_bytes is not None:
+        line += (f', {KV_MEMORY_FRACTION:.0%} of each device less what is in use and '
+                 f'{engine.temp_bytes / 1e9:.2f} GB for the largest step\'s temporaries')
+    return line
+
+
 def speculation_line(engine: PagedEngine) -> str:
     """What warmup measured for speculation, as the server prints it."""
     costs = ', '.join(f'{rows} {cost:.2f}' for rows, cost in engine.spec_cost.items())
@@ -275,6 +285,7 @@ def main(argv):
         engine = paged = make_engine(cfg, params, mesh)
     except (ValueError, RulesError) as e:
         raise app.UsageError(str(e)) from None
+    print(f'glmjax-serve: {pool_line(paged)}', flush=True)
     leader = None
     if multi:
         address = _lockstep_address()

@@ -33,12 +33,11 @@ after another, with fp32 weights and KV of the same shapes and shardings: so no 
 them, and fp32 activations, about twice an accelerator's bf16 ones (XLA:CPU's MoE and attention
 implementations; 1-byte weights' dequantized copies are not counted). A step of many prompt
 tokens needs more than a decode step: glmjax-serve measures its budget up to
-MAX_MEASURED_BUDGET tokens and leaves 1 - KV_MEMORY_FRACTION of a device for temporaries when
-it sizes the pool itself; the report says when that is less than the temporaries. Memory
-sizes are decimal: 1 GB = 1e9 bytes.
+MAX_MEASURED_BUDGET tokens. Sizing its pool itself, it takes KV_MEMORY_FRACTION of a device
+less the weights and the temporaries of its largest programs, compiled on the device; the
+report gives that pool from these temporaries. Memory sizes are decimal: 1 GB = 1e9 bytes.
 """
 
-import dataclasses
 import json
 import math
 import sys
@@ -55,6 +54,7 @@ from glmjax.mesh_axes import DATA
 from glmjax.model import abstract_params, param_axes
 from glmjax.paged_inference import init_pages, paged_forward
 from glmjax.serving.paged_engine import KV_MEMORY_FRACTION, MAX_MEASURED_BUDGET
+from glmjax.sharding.compiled import full_depth, memory_sizes, truncated
 from glmjax.sharding.mesh import MeshError, check_axis_sizes, format_mesh, make_mesh, parse_mesh
 from glmjax.sharding.rules import (
     DEFAULT_RULES,
@@ -88,13 +88,6 @@ def planned_params(cfg: GlmConfig, weight_dtype) -> dict:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def truncated(cfg: GlmConfig, num_layers: int, tree: dict) -> tuple[GlmConfig, dict]:
-    """The config with fewer layers, and the 'model' part of a params-like tree to match."""
-    model = {**tree['model'], 'layers': {i: tree['model']['layers'][i]
-                                         for i in range(num_layers)}}
-    return dataclasses.replace(cfg, num_hidden_layers=num_layers), {'model': model}
-
-
 def token_shapes(mesh, rules, batch: int) -> jax.ShapeDtypeStruct:
     """The decode step's input tokens [B], rows split like the cache's."""
     spec, _ = partition_spec(get_rules(rules), mesh, ('batch',), (batch,), 'tokens')
@@ -108,14 +101,6 @@ def compile_decode(cfg, mesh, params, kv_dtype, rules, batch, seq_len):
     cache = with_shardings(cache, cache_shardings(cfg, mesh, cache, rules))
     with jax.set_mesh(mesh):
         return memory_sizes(decode.lower(cfg, params, token_shapes(mesh, rules, batch), cache))
-
-
-def memory_sizes(lowered) -> dict:
-    """Per-device bytes of a lowered program's compile: arguments, temporaries, and outputs
-    that are not donated arguments' buffers."""
-    memory = lowered.compile().memory_analysis()
-    return {'arguments': memory.argument_size_in_bytes, 'temp': memory.temp_size_in_bytes,
-            'outputs': memory.output_size_in_bytes - memory.alias_size_in_bytes}
 
 
 def compile_paged_step(cfg, mesh, params, kv_dtype, rules, tokens: int, rows: int,
@@ -140,18 +125,11 @@ def compiled_sizes(cfg: GlmConfig, mesh, params: dict, kv_dtype, rules, batch: i
                    seq_len: int) -> tuple[dict, dict, list[int]]:
     """Compiled sizes at full depth (extrapolated, see the module docstring), the sizes of
     the smallest compile, and the layer counts compiled."""
-    L, k = cfg.num_hidden_layers, cfg.first_k_dense_replace
-    counts = [L] if L <= k + 2 else [k + 1, k + 2]
-    sizes = []
-    for n in counts:
+    def sizes_at(n):
         small_cfg, small_params = truncated(cfg, n, params)
-        sizes.append(compile_decode(small_cfg, mesh, small_params, kv_dtype, rules, batch,
-                                    seq_len))
-    if len(sizes) == 1:
-        return sizes[0], sizes[0], counts
-    a, b = sizes
-    full = {key: a[key] + (L - counts[0]) * (b[key] - a[key]) for key in a}
-    return full, a, counts
+        return compile_decode(small_cfg, mesh, small_params, kv_dtype, rules, batch, seq_len)
+
+    return full_depth(cfg, sizes_at)
 
 
 def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
@@ -188,7 +166,9 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
                               max_batch, max_seq_len, page_size)
     step_temps = step['temp'] + step['outputs']
     temps = max(decode_temps, step_temps)
-    reserve = (1 - KV_MEMORY_FRACTION) * device_memory_bytes
+    # glmjax-serve's own pool: KV_MEMORY_FRACTION of a device less the weights and its
+    # programs' temporaries, which it compiles on the device (these are an upper bound).
+    serve_free = KV_MEMORY_FRACTION * device_memory_bytes - weights - temps
     decode_weights = bytes_per_device(params['model'])
     free = device_memory_bytes - weights - temps
     used = weights + kv_cache + temps
@@ -206,8 +186,7 @@ def plan(cfg: GlmConfig, axis_sizes: dict[str, int], device_memory_bytes: float,
         'decode_temp_bytes_per_device': decode_temps,
         'step_tokens': step_tokens,
         'step_temp_bytes_per_device': step_temps,
-        'serve_temp_reserve_bytes_per_device': int(reserve),
-        'serve_default_pool_leaves_room': bool(temps <= reserve),
+        'serve_default_pool_tokens': int(max(serve_free, 0) // page_device) * page_size,
         'cpu_temp_bytes_full_depth': full['temp'],
         'compiled_argument_bytes_per_device': full['arguments'],
         'expected_argument_bytes_per_device': decode_weights + kv_cache
@@ -274,14 +253,17 @@ def report(cfg_name: str, p: dict) -> str:
         f"XLA:CPU temporaries {g(p['cpu_temp_bytes_full_depth']).strip()} (inflated by fp32 "
         'weight copies; not counted)',
     ]
-    if not p['serve_default_pool_leaves_room']:
-        fix = (f"give it --kv_cache_gb {p['kv_cache_gb_flag']} (the pool above), or a "
-               'smaller --max_num_batched_tokens' if p['fits'] else
+    share = f'{KV_MEMORY_FRACTION:.0%} of a device less the weights and temporaries'
+    if p['serve_default_pool_tokens'] < p['max_seq_len']:
+        fix = (f"give it --kv_cache_gb {p['kv_cache_gb_flag']} (the pool above, no margin), "
+               'or a smaller --max_num_batched_tokens' if p['fits'] else
                'a smaller --max_num_batched_tokens needs less')
-        lines.append(f"note: glmjax-serve's default pool leaves "
-                     f"{1 - KV_MEMORY_FRACTION:.0%} of a device for temporaries, "
-                     f"{g(p['serve_temp_reserve_bytes_per_device']).strip()}, less than the "
-                     f'temporaries above: {fix}')
+        lines.append(f"note: glmjax-serve's default pool ({share}) holds "
+                     f"{p['serve_default_pool_tokens']:,} tokens, less than one sequence of "
+                     f"{p['max_seq_len']:,}: {fix}")
+    else:
+        lines.append(f"glmjax-serve's default pool ({share}): "
+                     f"{p['serve_default_pool_tokens']:,} tokens")
     if p['devices'] > 1 and p['kv_bytes_per_token_per_device'] == p['kv_bytes_per_token'] \
             and p['mesh'].get('expert', 1) > 1:
         lines.append(f"note: every device holds the whole KV cache and all of the attention "
