@@ -341,6 +341,22 @@ def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
     assert eng._in_use == [False] * 4
 
 
+def test_after_warmup_the_first_steps_compile_nothing(model):
+    """The pool `reset` makes is the same input to each program as the pool a step returns:
+    after warm-up, a first prompt in a token bucket other than the smallest, and its decode
+    calls, compile nothing."""
+    from glmjax.serving import paged_engine
+    eng = engine(model, num_pages=PAGES - 1, max_num_batched_tokens=32)  # a pool of its own
+    eng.warmup()
+    assert eng.token_buckets == (16, 32)
+    fns = (paged_engine._mixed_forward, paged_engine._mixed_sample, paged_engine._generate)
+    before = [f._cache_size() for f in fns]
+    settings = [SlotSettings(max_new=7)]
+    eng.insert(eng.prefill(prompts([30])[0]), 0, settings[0])
+    collect(eng, [[]], settings)
+    assert [f._cache_size() for f in fns] == before
+
+
 def test_choose_budget_takes_the_largest_step_no_dearer_than_a_decode_call():
     timed = []
 

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glmjax.cache import kv_bytes_per_token
 from glmjax.config import GlmConfig
@@ -379,6 +379,16 @@ def _mark_done(state: SlotState, slot: jax.Array) -> SlotState:
     return state.replace(done=state.done.at[slot].set(True))
 
 
+def _as_returned(sharding: NamedSharding) -> NamedSharding:
+    """The sharding as a jitted program returns it, without trailing Nones: a pool made with
+    it is the same input to a program as the pool a step returns, not a second compile of
+    every program its first call after `reset` makes."""
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
 def row_buckets(max_batch: int) -> tuple[int, ...]:
     """Packed rows are padded to powers of two (and max_batch), compiled at warm-up."""
     return tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
@@ -515,11 +525,11 @@ class PagedEngine(Engine):
         self.temp_bytes: int | None = None
         self.num_pages = self._pool_size(num_pages, kv_cache_bytes)
         pages = jax.eval_shape(lambda: init_pages(cfg, self.num_pages, page_size, self.dtype))
-        self._pages_sharding = pages_shardings(cfg, mesh, pages, self.layout.rules).replace(
-            heads_axis=self.heads_axis)
+        self._pages_sharding = jax.tree.map(_as_returned, pages_shardings(
+            cfg, mesh, pages, self.layout.rules)).replace(heads_axis=self.heads_axis)
         mtp = jax.eval_shape(lambda: init_mtp_pages(cfg, self.num_pages, page_size, self.dtype))
-        self._mtp_sharding = pages_shardings(cfg, mesh, mtp, self.layout.rules).replace(
-            heads_axis=self.heads_axis)
+        self._mtp_sharding = jax.tree.map(_as_returned, pages_shardings(
+            cfg, mesh, mtp, self.layout.rules)).replace(heads_axis=self.heads_axis)
         # What speculation did, from the fetched outputs: vLLM's spec_decode counters.
         self.spec_totals = {'num_drafts': 0, 'num_draft_tokens': 0, 'num_accepted_tokens': 0}
         self.spec_accepted_per_pos = np.zeros(speculative_tokens, np.int64)
