@@ -329,9 +329,10 @@ def test_a_long_prompt_is_computed_while_the_others_decode(model):
 
 
 def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
-    """Warm-up runs every mixed step (1 token bucket) and decode call (3 row buckets), the
-    shapes above: nothing new to compile here, and resets: every page free, nothing cached,
-    no slot in use."""
+    """Warm-up runs every mixed step (1 token bucket), decode call (3 row buckets) and
+    embedding step, the shapes above: nothing new to compile here, and resets: every page
+    free, nothing cached, no slot in use."""
+    from glmjax.serving import paged_engine
     eng = engine(model)
     calls = []
     eng.warmup(lambda done, total: calls.append((done, total)))
@@ -339,6 +340,10 @@ def test_warmup_compiles_the_buckets_and_leaves_nothing(model):
     pool = eng.manager.pool
     assert pool.num_free == pool.allocatable and pool.num_cached == 0
     assert eng._in_use == [False] * 4
+    fns = (paged_engine._mixed_forward, paged_engine._sum_rows)
+    before = [f._cache_size() for f in fns]
+    eng.embed(prompts([3, 40]))
+    assert [f._cache_size() for f in fns] == before
 
 
 def test_after_warmup_the_first_steps_compile_nothing(model):
@@ -443,12 +448,57 @@ def test_seconds_times_its_runs_in_turn_and_keeps_each_ones_fastest():
     assert list(got) == ['a', 'b'] and all(0 < t < 1 for t in got.values())
 
 
-def test_embed_is_the_normalised_mean_of_the_hidden_states(model):
+def test_embed_is_the_normalised_mean_of_the_hidden_states(model, monkeypatch):
+    """Computed as prompts are: packed into mixed steps of at most max_num_batched_tokens
+    (max_batch inputs at a time), over pages of their own, whatever their length; the pages
+    are free again after."""
+    from glmjax.serving import paged_engine
     cfg, params = model
-    ps = prompts([5, 30, 1, 17, 40])
+    ps = prompts([5, 30, 1, 17, 40, MAX_SEQ])
     h = [np.asarray(hidden_states(cfg, params, jnp.asarray([p])))[0].mean(0) for p in ps]
-    np.testing.assert_allclose(engine(model).embed(ps), [v / np.linalg.norm(v) for v in h],
-                               atol=1e-5)
+    steps, forward = [], paged_engine._mixed_forward
+
+    def spy(*args):
+        cu_q_lens, num_seqs = np.asarray(args[8]), np.asarray(args[11])
+        steps.append((args[6].shape[0], int(cu_q_lens[num_seqs[0]])))  # padded, real tokens
+        return forward(*args)
+
+    monkeypatch.setattr(paged_engine, '_mixed_forward', spy)
+    eng = engine(model)
+    np.testing.assert_allclose(eng.embed(ps), [v / np.linalg.norm(v) for v in h], atol=1e-5)
+    assert {padded for padded, _ in steps} == {CHUNK}
+    assert sum(real for _, real in steps) == sum(map(len, ps))
+    # The first 4 inputs (53 tokens) together, then the other 2 (104): full steps but the
+    # last of each group, where one input per step would take 17.
+    assert len(steps) == -(-53 // CHUNK) + -(-104 // CHUNK)
+    assert eng.manager.pool.num_free == eng.manager.pool.allocatable
+
+
+def test_an_embedding_preempts_the_newest_sequence_when_the_pool_is_short(model):
+    """The pages an embedding input needs come out of the pool; while it is short, running
+    sequences are preempted and later recomputed, their outputs unchanged."""
+    cfg, params = model
+    ps = prompts([20, 9], seed=3)
+    settings = [SlotSettings(max_new=12), SlotSettings(max_new=12)]
+    want = [[], []]
+    roomy = engine(model)
+    for slot, (p, s) in enumerate(zip(ps, settings)):
+        roomy.insert(roomy.prefill(p), slot, s)
+    collect(roomy, want, settings)
+    long = prompts([MAX_SEQ], seed=4)
+    alone = roomy.embed(long)
+    small = engine(model, num_pages=1 + MAX_SEQ // PAGE + 1)  # the input's pages and one more
+    for slot, (p, s) in enumerate(zip(ps, settings)):
+        small.insert(small.prefill(p), slot, s)
+    got = [[], []]
+    for _ in range(2):
+        step = small.generate()
+        for slot in range(2):
+            got[slot] += np.asarray(step.tokens)[slot][np.asarray(step.valid)[slot]].tolist()
+    np.testing.assert_allclose(small.embed(long), alone, atol=1e-6)
+    assert small.manager.stats.preemptions >= 1
+    collect(small, got, settings)
+    assert got == want
 
 
 @pytest.mark.parametrize('axes, rules, heads', [

@@ -1,6 +1,6 @@
 """The engine interface the orchestrator drives, and what its implementation
 (glmjax/serving/paged_engine.py) shares with it: per-request settings, step outputs, the
-sampler's bookkeeping, where arrays live on the mesh, and embeddings.
+sampler's bookkeeping, and where arrays live on the mesh.
 
 The orchestrator `prefill`s a request (a sequence begins: its cached prefix is found),
 `insert`s it into a slot (its decode row is set; its prompt is computed by the following
@@ -14,7 +14,6 @@ budget; a done slot neither advances nor emits until the host frees it.
 
 import abc
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -23,15 +22,10 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glmjax.config import GlmConfig
-from glmjax.generate import bucket
-from glmjax.inference import hidden_states
 from glmjax.sampling import SamplingParams, sample
 from glmjax.sharding.rules import Rules
 
 MAX_STOP_IDS = 16  # stop token ids per request, the model's eos ids included
-MIN_BUCKET = 16
-EMBED_ROWS = 16  # prompts per embedding call; rows and lengths are padded to powers of two
 
 
 class EngineLost(Exception):
@@ -159,23 +153,6 @@ class Engine(abc.ABC):
         return 0
 
 
-def buckets(max_seq_len: int) -> tuple[int, ...]:
-    """Prompt lengths are padded to powers of two (and max_seq_len), compiled at warm-up."""
-    sizes, b = [], MIN_BUCKET
-    while b < max_seq_len:
-        sizes.append(b)
-        b *= 2
-    return (*sizes, max_seq_len)
-
-
-def prompt_bucket(sizes: tuple[int, ...], n: int, max_seq_len: int) -> int:
-    """The smallest of `sizes` (from `buckets`) that holds a prompt of n tokens."""
-    for b in sizes:
-        if n <= b:
-            return b
-    raise ValueError(f'a prompt of {n} tokens exceeds max_seq_len={max_seq_len}')
-
-
 def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, active,
            allowed=None):
     """Samples one token per row (under the bitmask `allowed`, if given) and advances the
@@ -194,7 +171,7 @@ def choose(logits, sampling, counts, prompt_mask, generated, max_new, stop_ids, 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where the engine's arrays live: a mesh, and the rules that place the KV pages on it.
-    Hashable, so the jitted functions below take it as a static argument."""
+    Hashable, so jitted functions take it as a static argument."""
     mesh: Mesh
     rules: Rules
 
@@ -207,37 +184,7 @@ class Layout:
         return jax.device_put(tree, jax.tree.map(lambda _: self.replicated, tree))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def pooled(cfg: GlmConfig, layout: Layout, params: dict, tokens: jax.Array,
-            mask: jax.Array) -> jax.Array:
-    # Causal attention: right padding never changes the real tokens' states.
-    h = hidden_states(cfg, params, tokens).astype(jnp.float32)
-    pooled = (h * mask).sum(1) / mask.sum(1)
-    pooled = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
-    return jax.lax.with_sharding_constraint(pooled, layout.replicated)
-
-
 def local(out: StepOutput) -> StepOutput:
     """Replicated outputs: this process's first copy can be fetched even when the mesh
     spans other processes. Still asynchronous."""
     return jax.tree.map(lambda x: x.addressable_data(0), out)
-
-
-def embed_prompts(cfg: GlmConfig, layout: Layout, params: dict, prompts: list[list[int]],
-                  length_bucket, put) -> np.ndarray:
-    """Engine.embed over the model's contiguous forward (no cache is needed): rows in calls
-    of at most EMBED_ROWS, rows and lengths padded to powers of two, so a few programs serve
-    every call. `put` places host arrays for the mesh."""
-    out = []
-    for start in range(0, len(prompts), EMBED_ROWS):
-        part = prompts[start:start + EMBED_ROWS]
-        B, T = bucket(len(part), 1), length_bucket(max(len(p) for p in part))
-        tokens = np.zeros((B, T), np.int32)
-        mask = np.zeros((B, T, 1), np.float32)
-        mask[len(part):, 0] = 1.0  # padding rows: one position, no division by zero
-        for i, p in enumerate(part):
-            tokens[i, :len(p)], mask[i, :len(p)] = p, 1.0
-        with jax.set_mesh(layout.mesh):
-            vectors = pooled(cfg, layout, params, *put((tokens, mask)))
-        out.append(np.asarray(vectors.addressable_data(0))[:len(part)])
-    return np.concatenate(out)

@@ -181,7 +181,10 @@ class LeaderEngine(Engine):
         self.engine, self.leader = engine, leader
         self.max_batch, self.max_seq_len = engine.max_batch, engine.max_seq_len
         self.vocab_size, self.steps_per_call = engine.vocab_size, engine.steps_per_call
-        self.buckets = engine.buckets
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return self.engine.buckets
 
     @property
     def capacity(self) -> int:

@@ -31,6 +31,10 @@ The calls, as the orchestrator makes them:
   computes them from the previous step's tokens while the forward runs.
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
+- `embed(prompts)`, between calls: the prompts are computed as prompts are, their chunks
+  packed into mixed steps of their own over pages of their own, and each one's final
+  hidden states are mean-pooled: an input needs no more memory and no other programs than
+  a prompt does, however long it is.
 
 Prompts that share a prefix are not computed side by side: a prompt whose next page an older
 prompt has yet to compute waits, and takes the page from the cache once it is written, as
@@ -93,11 +97,8 @@ from glmjax.serving.engine import (
     Prefix,
     SlotSettings,
     StepOutput,
-    buckets,
     choose,
-    embed_prompts,
     local,
-    prompt_bucket,
 )
 from glmjax.serving.kv_pages import OutOfPages, PageManager, pages_for
 from glmjax.sharding.compiled import full_depth, memory_sizes, truncated
@@ -266,15 +267,15 @@ def _mixed_forward(cfg: GlmConfig, attn_impl: str | None, num_drafts: int, param
                    ) -> tuple[KVPages, jax.Array | None, jax.Array]:
     """The model half of one ragged step of decode rows (one token each, taken from the
     decode state) and prompt chunks (tokens [T] from the host, at chunk_start [R]);
-    decoding [R]: a decode row. Returns the pages, the hidden states [T, D] (for the MTP
-    layer; None without it) and each row's last logits [R, V]. `_mixed_sample` is the rest:
+    decoding [R]: a decode row. Returns the pages, the final hidden states [T, D] (for the
+    MTP layer and embeddings) and each row's last logits [R, V]. `_mixed_sample` is the rest:
     two calls, so that a host filling token masks from the previous step's tokens does it
     while this one runs."""
     _, _, _, kv_lens, positions, tokens, last = _ragged(state, tokens, slots, cu_q_lens,
                                                         chunk_start, decoding, num_seqs)
     h, pages = paged_hidden(cfg, params, tokens, positions, pages, kv_lens, page_indices,
                             cu_q_lens, num_seqs, attn_impl=attn_impl)
-    return pages, h if num_drafts else None, merge(cfg, params).logits(h[last])
+    return pages, h, merge(cfg, params).logits(h[last])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
@@ -377,6 +378,18 @@ def _speculate(cfg: GlmConfig, attn_impl: str | None, steps: int, params: dict, 
 @functools.partial(jax.jit, donate_argnames='state')
 def _mark_done(state: SlotState, slot: jax.Array) -> SlotState:
     return state.replace(done=state.done.at[slot].set(True))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sum_rows(layout: Layout, h: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array
+              ) -> jax.Array:
+    """Each row's sum of its tokens' hidden states (h [T, D], the rows' tokens packed as
+    cu_q_lens [R + 1] says): [R, D] fp32, on every device."""
+    R = cu_q_lens.shape[0] - 1
+    row, _, valid = token_positions(cu_q_lens[1:], cu_q_lens, num_seqs, h.shape[0])
+    sums = jax.ops.segment_sum(jnp.where(valid[:, None], h.astype(jnp.float32), 0), row,
+                               num_segments=R)
+    return jax.lax.with_sharding_constraint(sums, layout.replicated)
 
 
 def _as_returned(sharding: NamedSharding) -> NamedSharding:
@@ -510,7 +523,6 @@ class PagedEngine(Engine):
         mesh = make_mesh({}, jax.devices()[:1]) if mesh is None else mesh
         self.layout = Layout(mesh, get_rules(rules))
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
-        self.buckets = buckets(max_seq_len)  # embed's padded prompt lengths
         self.row_buckets = row_buckets(max_batch)
         self.token_buckets = token_buckets(max_num_batched_tokens)
         # Chosen here, not from the step's shape: a mixed step's rows hold chunks, so it
@@ -642,6 +654,7 @@ class PagedEngine(Engine):
                 lowered = _mixed_forward.lower(cfg, self.mixed_impl, k, params, pages, state,
                                                *ragged, *rows[1:])
                 _, h, logits = like(lowered.out_info, replicated)
+                h = h if k else None
                 forward = memory_sizes(lowered)
                 sample = memory_sizes(_mixed_sample.lower(
                     cfg, self.mixed_impl, self.steps_per_call, k, params, mtp, state, h,
@@ -693,8 +706,10 @@ class PagedEngine(Engine):
         self._limit = np.zeros(B, np.int64)  # per slot: the most it can reach
         self._order = itertools.count()
 
-    def bucket(self, n: int) -> int:
-        return prompt_bucket(self.buckets, n, self.max_seq_len)
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The token counts a prompt chunk's step is padded to (what GetModelInfo reports)."""
+        return self.token_buckets
 
     def prefill(self, tokens: list[int]) -> Prefix:
         n = len(tokens)
@@ -939,8 +954,8 @@ class PagedEngine(Engine):
                 self.layout.put(allowed())
             self.mtp_pages, self.state, out = _mixed_sample(
                 self.cfg, self.mixed_impl, self.steps_per_call, self.num_drafts, self.params,
-                self.mtp_pages, self.state, h, logits, tokens, slots, cu_q_lens, starts,
-                is_decode, first, follow, num_seqs, table, masks)
+                self.mtp_pages, self.state, h if self.num_drafts else None, logits, tokens,
+                slots, cu_q_lens, starts, is_decode, first, follow, num_seqs, table, masks)
         return out
 
     def _free_masks(self, rows: int) -> jax.Array:
@@ -1062,14 +1077,78 @@ class PagedEngine(Engine):
         return out
 
     def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        return embed_prompts(self.cfg, self.layout, self.params, prompts, self.bucket,
-                             self.layout.put)
+        """Each prompt is computed as a sequence's prompt is, in mixed steps of up to
+        max_batch rows and max_num_batched_tokens tokens, over pages of its own (so it needs
+        a step's memory and programs, whatever its length); its final hidden states are
+        summed step by step. Prompts go in groups whose pages are free together, released
+        after the group. While the pool is short of one prompt's pages, the newest sequence
+        is preempted, as for a sequence that grows."""
+        prompts = [list(p) for p in prompts]
+        for p in prompts:
+            if not 0 < len(p) <= self.capacity:
+                raise ValueError(f'an embedding input of {len(p)} tokens: need 1 to '
+                                 f'{self.capacity}')
+        out, todo = [], collections.deque(prompts)
+        while todo:
+            group, pages = [], []
+            while todo and len(group) < self.max_batch:
+                need = pages_for(len(todo[0]), self.page_size)
+                if need > self.manager.pool.num_free:
+                    if group:
+                        break
+                    self._free_pages_for(need, len(todo[0]))
+                group.append(todo.popleft())
+                pages.append(self.manager.pool.allocate(need))
+            try:
+                out += self._embed_group(group, pages)
+            finally:
+                # Their K/V is neither shared nor read again; a later step that reuses the
+                # pages is queued after these.
+                for own in reversed(pages):
+                    self.manager.pool.release(own[::-1])
+        return np.stack(out)
+
+    def _free_pages_for(self, need: int, n: int) -> None:
+        """Preempts the newest sequences until `need` pages are free."""
+        while self.manager.pool.num_free < need:
+            holding = [s for s in self._by_age() if self._slot_seq[s] is not None]
+            if not holding:  # cannot happen within `capacity`
+                raise OutOfPages(self._short(need, f'an embedding input of {n} tokens'))
+            self._preempt(holding[-1])
+
+    def _embed_group(self, group: list[list[int]], pages: list[list[int]]) -> list[np.ndarray]:
+        """The normalised mean hidden states of the prompts, each over its pages: each step
+        takes every unfinished prompt's next chunk, oldest first, within the token budget."""
+        done, sums, steps = [0] * len(group), [], []
+        while any(d < len(p) for d, p in zip(done, group)):
+            rows, budget = [], self.max_num_batched_tokens
+            for i, p in enumerate(group):
+                if done[i] < len(p) and budget > 0:
+                    stop = min(len(p), done[i] + budget)
+                    rows.append((i, p[done[i]:stop], done[i], pages[i]))
+                    budget -= stop - done[i]
+                    done[i] = stop
+            T = _smallest(self.token_buckets, self.max_num_batched_tokens - budget)
+            (ids, slots, cu_q_lens, starts, is_decode, _, _, num_seqs,
+             table) = self.layout.put(self._chunks_host([r[1:] for r in rows], T))
+            with jax.set_mesh(self.layout.mesh):
+                self.pages, h, _ = _mixed_forward(
+                    self.cfg, self.mixed_impl, self.num_drafts, self.params, self.pages,
+                    self.state, ids, slots, cu_q_lens, starts, is_decode, num_seqs, table)
+                sums.append(_sum_rows(self.layout, h, cu_q_lens, num_seqs))
+            steps.append([r[0] for r in rows])
+        totals = np.zeros((len(group), self.cfg.hidden_size), np.float64)
+        for inputs, step in zip(steps, sums):
+            totals[inputs] += np.asarray(step.addressable_data(0))[:len(inputs)]
+        means = totals / np.array([len(p) for p in group])[:, None]
+        return list((means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32))
 
     def warmup(self, progress=None) -> None:
         """Compiles every mixed step (token buckets) and decode call (row buckets) on empty
         batches, measures the token budget if the engine was made without one
         (`_measure_budget`) and speculation's cost per row bucket if it measures it
-        (`_measure_speculation`), then resets; `progress(done, total)` after each."""
+        (`_measure_speculation`), runs an embedding step of each token bucket, then resets;
+        `progress(done, total)` after each."""
         sizes = self._budget_sizes(self.max_batch, self.max_seq_len) \
             if self.measures_budget else self.token_buckets
         total = len(token_buckets(sizes[-1])) + len(self.row_buckets)
@@ -1101,6 +1180,8 @@ class PagedEngine(Engine):
             self._measure_budget(sizes, tick)
             if progress is not None:
                 progress(total, total)  # the sizes past the budget were not needed
+        for T in self.token_buckets:  # an embedding step's row sums (`_sum_rows`)
+            self.embed([[0] * min(T, self.capacity)])
         self.reset()
 
     def _empty_mixed(self, T: int) -> tuple:
@@ -1111,14 +1192,26 @@ class PagedEngine(Engine):
                 np.full(B, -1, np.int32), np.array([0], np.int32),
                 self.manager.page_table_array([], B))
 
+    def _chunks_host(self, rows: list[tuple], T: int) -> tuple:
+        """A mixed step's host arrays of prompt chunks alone, rows (ids, start, pages): ids
+        at positions start.. over those pages, none of a slot's (so the step changes no
+        decode state), padded to T tokens."""
+        host = list(self._empty_mixed(T))
+        at = 0
+        for r, (ids, start, pages) in enumerate(rows):
+            host[0][at:at + len(ids)], host[3][r] = ids, start
+            host[8][r, :len(pages)] = pages
+            at += len(ids)
+            host[2][r + 1:] = at
+        host[7] = np.array([len(rows)], np.int32)
+        return tuple(host)
+
     def _chunk_step(self, ids: np.ndarray, T: int, start: int = 0) -> Callable[[], object]:
         """A mixed step of one chunk in slot 0, ids[:T] at positions start..start + T, every
         page the scratch page 0 (what warm-up times)."""
-        B, M = self.max_batch, self.max_pages_per_seq
-        host = list(self._empty_mixed(T))
-        host[0], host[1][0], host[2][1:], host[3][0] = ids[:T], 0, T, start
-        host[7], host[8] = np.array([1], np.int32), np.zeros((B, M), np.int32)
-        return lambda: self._run_mixed(tuple(host), None)
+        host = self._chunks_host([(ids[:T], start, [])], T)
+        host[1][0] = 0
+        return lambda: self._run_mixed(host, None)
 
     def _measure_budget(self, sizes: tuple[int, ...], tick: Callable[[], None]) -> None:
         """Sets max_num_batched_tokens by `choose_budget`: a decode call of every row against
