@@ -8,6 +8,7 @@ import random
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 
 from glmjax import generate
@@ -103,5 +104,31 @@ def test_a_request_that_could_never_fit_is_invalid(model):
         assert 'context limit of 64 tokens' in e.value.details()
         ids, _ = run(stub, greedy([1, 2, 3], 8))
         assert len(ids) == 8
+    finally:
+        server.shutdown(grace=5)
+
+
+def test_an_embedding_call_of_many_inputs_lets_the_streams_decode(model):
+    """The engine thread runs an embedding call max_batch inputs at a time, a decode call
+    between two of them: a stream that is decoding advances while a call of 13 inputs is
+    computed, and the vectors are those of one call of all 13."""
+    cfg, params, _ = model
+    server = serve(model)
+    try:
+        engine, events = server.engine, []
+        embed, step = engine.embed, engine.generate
+        engine.embed = lambda ps: (events.append(len(ps)), embed(ps))[1]
+        engine.generate = lambda *a: (events.append('generate'), step(*a))[1]
+        stub = pb_grpc.GlmStub(grpc.insecure_channel(f'127.0.0.1:{server.port}'))
+        stream = stub.Generate(greedy(prompts(1, seed=5)[0], 60), timeout=TIMEOUT)
+        first = next(stream)  # decoding now
+        inputs = [p[:20] for p in prompts(3 * MAX_BATCH + 1, seed=6)]
+        vectors = server.orchestrator.embed(inputs).result(timeout=TIMEOUT)
+        ids = list(first.token_ids) + [t for r in stream for t in r.token_ids]
+        assert ids == generate(cfg, params, prompts(1, seed=5), 60, stop_ids=())[0]
+        groups = [i for i, e in enumerate(events) if e != 'generate']
+        assert [events[i] for i in groups] == [MAX_BATCH] * 3 + [1]
+        assert all('generate' in events[a:b] for a, b in zip(groups, groups[1:]))
+        np.testing.assert_allclose(vectors, embed(inputs), atol=1e-6)
     finally:
         server.shutdown(grace=5)

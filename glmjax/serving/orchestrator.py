@@ -151,14 +151,24 @@ class Request:
         return self.emit(Chunk(finish_reason=reason, stop_reason=message))
 
 
+@dataclasses.dataclass
+class _EmbedCall:
+    """An embedding call: its inputs, the vectors computed so far, and its future."""
+    prompts: list[list[int]]
+    future: concurrent.futures.Future
+    vectors: list = dataclasses.field(default_factory=list)
+    started: bool = False  # the future is running: the client can no longer cancel it
+
+
 class Orchestrator:
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self._slots: list[Request | None] = [None] * engine.max_batch
         self._pending: collections.deque[Request] = collections.deque()
         # Embedding calls, run by the engine thread between steps (on the mesh, and in
-        # lockstep on several processes, like every other engine call).
-        self._embeds: collections.deque = collections.deque()
+        # lockstep on several processes, like every other engine call), max_batch inputs at
+        # a time; the oldest first, and it stays here until done.
+        self._embeds: collections.deque[_EmbedCall] = collections.deque()
         self._cond = threading.Condition()
         self._detok_queue: queue.Queue = queue.Queue()
         self._closing = self._draining = False
@@ -219,15 +229,17 @@ class Orchestrator:
                 raise Draining(f'the server cannot serve: {self._lost}')
             if self._draining or self._closing:
                 raise Draining('the server is shutting down and accepts no new requests')
-            self._embeds.append((prompts, future))
+            self._embeds.append(_EmbedCall(prompts, future))
             self._cond.notify_all()
         return future
 
     def _fail_embeds(self, message: str) -> None:
+        """Called with the lock held."""
         while self._embeds:
-            _, future = self._embeds.popleft()
-            if future.set_running_or_notify_cancel():
-                future.set_exception(Draining(message))
+            call = self._embeds.popleft()
+            if call.started or call.future.set_running_or_notify_cancel():
+                if not call.future.done():
+                    call.future.set_exception(Draining(message))
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -348,20 +360,42 @@ class Orchestrator:
         return allowed
 
     def _run_embeds(self) -> None:
-        while True:
+        """Runs the next engine.max_batch inputs of the oldest embedding call: one engine
+        call between two decode calls, so that the running streams advance while a call of
+        many inputs is computed."""
+        with self._cond:
+            while self._embeds and not self._embeds[0].started:
+                if self._embeds[0].future.set_running_or_notify_cancel():
+                    self._embeds[0].started = True
+                else:
+                    self._embeds.popleft()  # the client left
+            if not self._embeds:
+                return
+            call = self._embeds[0]
+        done = len(call.vectors)
+        try:
+            vectors = self.engine.embed(call.prompts[done:done + self.engine.max_batch])
+        except Exception as e:
             with self._cond:
-                if not self._embeds:
-                    return
-                prompts, future = self._embeds.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue  # the client left
-            try:
-                future.set_result(self.engine.embed(prompts))
-            except Exception as e:
-                future.set_exception(e)
-                if isinstance(e, EngineLost) or self.engine.lost() is not None:
-                    raise
-                log.exception('embedding call failed')
+                self._end_embed(call, exception=e)
+            if isinstance(e, EngineLost) or self.engine.lost() is not None:
+                raise
+            log.exception('embedding call failed')
+            return
+        with self._cond:
+            call.vectors += list(vectors)
+            if len(call.vectors) == len(call.prompts):
+                self._end_embed(call, result=np.stack(call.vectors))
+
+    def _end_embed(self, call: _EmbedCall, result=None, exception=None) -> None:
+        """Called with the lock held. A call that abort or close ended meanwhile is gone."""
+        if self._embeds and self._embeds[0] is call:
+            self._embeds.popleft()
+        if not call.future.done():
+            if exception is None:
+                call.future.set_result(result)
+            else:
+                call.future.set_exception(exception)
 
     def _release(self) -> None:
         """Frees the slots of requests that are over, for whatever reason."""
