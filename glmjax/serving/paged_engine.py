@@ -264,7 +264,7 @@ def _mixed_forward(cfg: GlmConfig, attn_impl: str | None, num_drafts: int, param
                    pages: KVPages, state: SlotState, tokens: jax.Array, slots: jax.Array,
                    cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
                    num_seqs: jax.Array, page_indices: jax.Array
-                   ) -> tuple[KVPages, jax.Array | None, jax.Array]:
+                   ) -> tuple[KVPages, jax.Array, jax.Array]:
     """The model half of one ragged step of decode rows (one token each, taken from the
     decode state) and prompt chunks (tokens [T] from the host, at chunk_start [R]);
     decoding [R]: a decode row. Returns the pages, the final hidden states [T, D] (for the
@@ -282,7 +282,7 @@ def _mixed_forward(cfg: GlmConfig, attn_impl: str | None, num_drafts: int, param
                    donate_argnames=('mtp_pages', 'state'))
 def _mixed_sample(cfg: GlmConfig, attn_impl: str | None, steps: int, num_drafts: int,
                   params: dict, mtp_pages: KVPages | None, state: SlotState,
-                  h: jax.Array | None, logits: jax.Array, tokens: jax.Array, slots: jax.Array,
+                  h: jax.Array, logits: jax.Array, tokens: jax.Array, slots: jax.Array,
                   cu_q_lens: jax.Array, chunk_start: jax.Array, decoding: jax.Array,
                   first: jax.Array, follow: jax.Array, num_seqs: jax.Array,
                   page_indices: jax.Array, allowed: jax.Array
@@ -654,7 +654,6 @@ class PagedEngine(Engine):
                 lowered = _mixed_forward.lower(cfg, self.mixed_impl, k, params, pages, state,
                                                *ragged, *rows[1:])
                 _, h, logits = like(lowered.out_info, replicated)
-                h = h if k else None
                 forward = memory_sizes(lowered)
                 sample = memory_sizes(_mixed_sample.lower(
                     cfg, self.mixed_impl, self.steps_per_call, k, params, mtp, state, h,
@@ -954,8 +953,8 @@ class PagedEngine(Engine):
                 self.layout.put(allowed())
             self.mtp_pages, self.state, out = _mixed_sample(
                 self.cfg, self.mixed_impl, self.steps_per_call, self.num_drafts, self.params,
-                self.mtp_pages, self.state, h if self.num_drafts else None, logits, tokens,
-                slots, cu_q_lens, starts, is_decode, first, follow, num_seqs, table, masks)
+                self.mtp_pages, self.state, h, logits, tokens, slots, cu_q_lens, starts,
+                is_decode, first, follow, num_seqs, table, masks)
         return out
 
     def _free_masks(self, rows: int) -> jax.Array:
