@@ -159,7 +159,7 @@ def test_extrapolated_sizes_equal_a_full_compile():
     params = sharding.with_shardings(plan.planned_params(cfg, jnp.bfloat16),
                                      sharding.param_shardings(cfg, mesh))
     full, _, counts = plan.compiled_sizes(cfg, mesh, params, jnp.bfloat16, 'decode_ep', 2, 64)
-    assert counts == [3, 4]
+    assert counts == [3, 4, 5]
     compiled = plan.compile_decode(cfg, mesh, {'model': params['model']}, jnp.bfloat16,
                                    'decode_ep', 2, 64)
     assert full['arguments'] == compiled['arguments']
