@@ -9,7 +9,9 @@ The script starts nothing. Start a server first, for example (the demo model's c
 Prompts are plain text tokenized by the server (its Tokenize RPC), trimmed to exact lengths,
 and begin with a per-run nonce, so that nothing is served from the prefix cache. The streams
 decode greedily with stop tokens ignored; they start, run --lead_s, then the long prompt is
-sent; --margin_s after its first token the streams are cancelled.
+sent; --margin_s after its first token the streams are cancelled. With --embed_url the long
+input is an embedding call instead (POST /v1/embeddings of its token ids to the same
+server's HTTP front), and "first token" is its answer.
 
 Inter-token latency (ITL) here is the gap between two consecutive responses of one stream;
 each response carries one engine call's tokens (--decode_steps of the server, the tokens per
@@ -37,6 +39,8 @@ _MARGIN = flags.DEFINE_float('margin_s', 0.5, 'the window reaches this far eithe
 _SEED = flags.DEFINE_integer('seed', None, 'nonce of the prompts (default: from the clock, so '
                              'a rerun on the same server finds nothing cached)')
 _KEY = flags.DEFINE_string('api_key', '', 'bearer token, if the server wants one')
+_EMBED_URL = flags.DEFINE_string('embed_url', None, 'the same server\'s HTTP front (e.g. '
+                                 'http://127.0.0.1:8084): the long input is an embedding call')
 
 TEXT = """The parser reads the configuration file one line at a time. A line that starts \
 with a hash or a semicolon is a comment and is skipped. A line in square brackets opens a new \
@@ -136,14 +140,23 @@ async def main_async():
     arrival = time.perf_counter()
     first = None
     usage = None
-    async for resp in stub.Generate(pb2.GenerateRequest(token_ids=long_prompt,
-                                                        max_tokens=_LONG_OUT.value,
-                                                        ignore_eos=True, sampling=greedy),
-                                    metadata=metadata):
-        if resp.token_ids and first is None:
-            first = time.perf_counter()
-        if resp.HasField('usage'):
-            usage = resp.usage
+    if _EMBED_URL.value:
+        import httpx
+        headers = {'authorization': f'Bearer {_KEY.value}'} if _KEY.value else {}
+        async with httpx.AsyncClient(timeout=600) as client:
+            r = await client.post(f'{_EMBED_URL.value}/v1/embeddings',
+                                  json={'input': long_prompt}, headers=headers)
+            r.raise_for_status()
+        first = time.perf_counter()
+    else:
+        async for resp in stub.Generate(pb2.GenerateRequest(token_ids=long_prompt,
+                                                            max_tokens=_LONG_OUT.value,
+                                                            ignore_eos=True, sampling=greedy),
+                                        metadata=metadata):
+            if resp.token_ids and first is None:
+                first = time.perf_counter()
+            if resp.HasField('usage'):
+                usage = resp.usage
     long_done = time.perf_counter()
     await asyncio.sleep(_MARGIN.value)
     for call in calls:
@@ -165,11 +178,14 @@ async def main_async():
             when.append(max((g, t) for t, g in gaps if lo <= t <= hi)[1] - arrival)
     print(f'{_TARGET.value} ({info.model_name}, max_batch {info.max_batch}, '
           f'{info.decode_steps_per_call} decode steps per call): {_STREAMS.value} streams of '
-          f'{_STREAM_LEN.value}-token prompts; a {_PROMPT_LEN.value}-token prompt '
-          f'(usage: {usage.prompt_tokens if usage else "?"} prompt, '
-          f'{usage.cached_tokens if usage else "?"} cached) arrives after {_LEAD.value:.1f} s')
-    print(f'  long prompt: TTFT {(first - arrival) * 1e3:.0f} ms, done after '
-          f'{(long_done - arrival) * 1e3:.0f} ms')
+          f'{_STREAM_LEN.value}-token prompts; a {_PROMPT_LEN.value}-token '
+          + ('embedding input' if _EMBED_URL.value else
+             f'prompt (usage: {usage.prompt_tokens if usage else "?"} prompt, '
+             f'{usage.cached_tokens if usage else "?"} cached)')
+          + f' arrives after {_LEAD.value:.1f} s')
+    print(f'  long {"input" if _EMBED_URL.value else "prompt"}: '
+          f'{"answered" if _EMBED_URL.value else "TTFT"} {(first - arrival) * 1e3:.0f} ms, '
+          f'done after {(long_done - arrival) * 1e3:.0f} ms')
     if any(finished):
         print(f'  WARNING: {sum(finished)} streams ended before the window closed')
     if not window:

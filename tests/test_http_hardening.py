@@ -204,3 +204,32 @@ def test_http_over_tls(tmp_path):
             assert not plain.recv(100).startswith(b'HTTP/1.1 200')
     finally:
         http.stop()
+
+
+@pytest.mark.parametrize('path, body', [('/v1/embeddings', {'input': 'a'}),
+                                        ('/v1/rerank', {'query': 'a', 'documents': ['b']})])
+def test_a_client_that_leaves_cancels_its_embedding_call(path, body):
+    """The handler awaiting the engine is cancelled once the client disconnects (the engine
+    then computes no more of the call), as a completion's is."""
+    import asyncio
+    import threading
+
+    class Slow(FakeBackend):
+        def __init__(self):
+            super().__init__()
+            self.started, self.cancelled = threading.Event(), threading.Event()
+
+        async def embed(self, prompts):
+            self.started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+    slow = Slow()
+    with serve(make_app(slow)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + path, json=body, timeout=httpx.Timeout(30, read=1.0))
+        assert slow.started.is_set()
+        assert slow.cancelled.wait(10)

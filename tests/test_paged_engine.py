@@ -319,7 +319,7 @@ def test_a_long_prompt_is_computed_while_the_others_decode(model):
         per_step.append(valid.sum(axis=1)[:2].tolist())
         for slot in range(2):
             out[slot] += np.asarray(step.tokens)[slot][valid[slot]].tolist()
-        assert (eng.last_rows, eng.last_tokens) == (4, CHUNK)
+        assert (eng.last_rows, eng.last_tokens) == (5, CHUNK)  # a row per slot, and one
     # 11 prompt tokens per step beside the decode token: 6 steps, the last with the first
     # token of the new prompt.
     assert per_step == [[1, 0]] * 5 + [[1, 1]]
@@ -450,8 +450,8 @@ def test_seconds_times_its_runs_in_turn_and_keeps_each_ones_fastest():
 
 def test_embed_is_the_normalised_mean_of_the_hidden_states(model, monkeypatch):
     """Computed as prompts are: packed into mixed steps of at most max_num_batched_tokens
-    (max_batch inputs at a time), over pages of their own, whatever their length; the pages
-    are free again after."""
+    (and max_batch rows), over pages of their own, whatever their length; the pages are free
+    again after."""
     from glmjax.serving import paged_engine
     cfg, params = model
     ps = prompts([5, 30, 1, 17, 40, MAX_SEQ])
@@ -468,9 +468,9 @@ def test_embed_is_the_normalised_mean_of_the_hidden_states(model, monkeypatch):
     np.testing.assert_allclose(eng.embed(ps), [v / np.linalg.norm(v) for v in h], atol=1e-5)
     assert {padded for padded, _ in steps} == {CHUNK}
     assert sum(real for _, real in steps) == sum(map(len, ps))
-    # The first 4 inputs (53 tokens) together, then the other 2 (104): full steps but the
-    # last of each group, where one input per step would take 17.
-    assert len(steps) == -(-53 // CHUNK) + -(-104 // CHUNK)
+    # Every step full but the last: an input's chunk begins where the one before ends
+    # (one input per step would take 17).
+    assert len(steps) == -(-sum(map(len, ps)) // CHUNK)
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
 
 
@@ -499,6 +499,59 @@ def test_an_embedding_preempts_the_newest_sequence_when_the_pool_is_short(model)
     assert small.manager.stats.preemptions >= 1
     collect(small, got, settings)
     assert got == want
+
+
+def test_an_embedding_call_is_computed_in_the_steps_of_the_decoding_streams(model,
+                                                                           monkeypatch):
+    """embed_begin: the inputs' chunks ride in the same mixed steps as the decode rows, so
+    the streams get a token every step while it is computed; their tokens and the vectors
+    are those of each alone. embed_cancel: a call dropped half way computes nothing more
+    and gives its pages back."""
+    from glmjax.serving import paged_engine
+    ps, settings = prompts([9, 20], seed=7), [SlotSettings(max_new=30)] * 2
+    want = [[], []]
+    alone = engine(model)
+    for slot, (p, s) in enumerate(zip(ps, settings)):
+        alone.insert(alone.prefill(p), slot, s)
+    collect(alone, want, settings)
+    inputs = prompts([MAX_SEQ, 30], seed=8)
+    vectors = alone.embed(inputs)
+    steps, mixed = [], paged_engine.PagedEngine._mixed
+
+    def spy(self, decoding, chunks, embeds, masks):
+        steps.append((len(decoding), sum(stop - start for _, _, start, stop in embeds)))
+        return mixed(self, decoding, chunks, embeds, masks)
+
+    monkeypatch.setattr(paged_engine.PagedEngine, '_mixed', spy)
+    eng = engine(model)
+    for slot, (p, s) in enumerate(zip(ps, settings)):
+        eng.insert(eng.prefill(p), slot, s)
+    got, results = [[], []], []
+    for _ in range(4):  # both prompts computed: the streams decode
+        step = eng.generate()
+        for slot in range(2):
+            got[slot] += np.asarray(step.tokens)[slot][np.asarray(step.valid)[slot]].tolist()
+    assert all(got) and not eng.embedding_work
+    steps.clear()
+    key = eng.embed_begin(inputs)
+    dropped = eng.embed_begin(inputs)
+    for call in range(30):
+        step = eng.generate()
+        for slot in range(2):
+            got[slot] += np.asarray(step.tokens)[slot][np.asarray(step.valid)[slot]].tolist()
+        if call == 11:  # the dropped call has run 26 of its 94 tokens
+            eng.embed_cancel(dropped)
+            assert eng.manager.pool.num_free == eng.manager.pool.allocatable - sum(
+                len(eng.manager.page_table(eng._slot_seq[s])) for s in range(2))
+        results += eng.embed_results()
+    results += eng.embed_results(block=True)
+    assert got == want
+    assert [k for k, _ in results] == [key]
+    np.testing.assert_allclose(results[0][1], vectors, atol=1e-6)
+    # 10 tokens a step beside the two decode rows: the first call's 94 in 10 steps (its last
+    # shared with the dropped call's first 6), then the dropped call's 2 more, and no more.
+    assert [s for s in steps if s[1]] == [(2, 10)] * 12
+    assert not eng.embedding_work and eng.embed_results(block=True) == []
 
 
 @pytest.mark.parametrize('axes, rules, heads', [
@@ -574,7 +627,8 @@ def test_the_pool_leaves_room_for_the_largest_programs_temporaries(monkeypatch):
 
     from glmjax.serving import paged_engine
     from glmjax.sharding import plan
-    cfg = dataclasses.replace(tiny_glm46(), first_k_dense_replace=1)  # 5 layers: 2, 3 compiled
+    cfg = dataclasses.replace(tiny_glm46(), first_k_dense_replace=1,
+                              num_hidden_layers=7)  # 2, 3 and 4 layers compiled
     params = init_params(cfg, jnp.float32, seed=2)
     monkeypatch.setattr(paged_engine, 'device_memory', lambda devices: [(10 ** 10, 0)])
     # One sequence: the step of 1,024 prompt tokens needs more than a decode call.

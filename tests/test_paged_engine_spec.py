@@ -131,6 +131,36 @@ def test_a_small_pool_preempts_and_changes_no_output(demo, prompts, plain):
     assert eng.manager.pool.num_free == eng.manager.pool.allocatable
 
 
+def test_an_embedding_beside_speculating_streams_changes_neither(demo, prompts, plain):
+    """Every slot decodes while an embedding call is computed in the mixed steps' extra row
+    (the MTP layer runs over its positions too, in pages of its own): the streams' tokens are
+    the plain ones, and the vectors those of the call computed alone."""
+    inputs = [p * 3 for p in prompts[:2]]
+    alone = engine(demo, 0).embed(inputs)
+    eng = engine(demo, 1)
+    settings = greedy(len(prompts))
+    for slot, p in enumerate(prompts):
+        eng.insert(eng.prefill(p), slot, settings[slot])
+    out, results, key, done, computed = [[] for _ in prompts], [], None, False, None
+    while not done or key is None:
+        step = eng.generate()
+        tokens, valid = np.asarray(step.tokens), np.asarray(step.valid)
+        for slot in range(len(prompts)):
+            out[slot] += tokens[slot][valid[slot]].tolist()
+        if key is not None and computed is None and not eng.embedding_work:
+            computed = min(len(o) for o in out)
+        if key is None and all(f is None for f in eng._filling):  # every slot decodes
+            key = eng.embed_begin(inputs)
+        done = bool(np.asarray(step.done)[:len(prompts)].all())
+        results += eng.embed_results()
+    results += eng.embed_results(block=True)
+    eng._fetch(keep=0)
+    assert out == plain
+    assert computed < NEW  # while the streams decode, not after
+    assert [k for k, _ in results] == [key]
+    np.testing.assert_allclose(results[0][1], alone, atol=1e-5)
+
+
 def test_reserved_pages_follow_the_emitted_tokens(demo, prompts):
     """Each call may add k + 1 tokens per step; what a row really emitted tightens its bound
     when its tokens are fetched, so its pages stay within two calls of its length."""

@@ -108,17 +108,22 @@ def test_a_request_that_could_never_fit_is_invalid(model):
         server.shutdown(grace=5)
 
 
-def test_an_embedding_call_of_many_inputs_lets_the_streams_decode(model):
-    """The engine thread runs an embedding call max_batch inputs at a time, a decode call
-    between two of them: a stream that is decoding advances while a call of 13 inputs is
-    computed, and the vectors are those of one call of all 13."""
+def test_an_embedding_call_is_computed_beside_the_decoding_streams(model):
+    """The engine computes an embedding call's inputs as chunks of the mixed steps that also
+    carry the decoding stream's next token: the stream advances in every step of it, its
+    tokens are unchanged, and the vectors are those of the call computed alone."""
+    from glmjax.serving.paged_engine import PagedEngine as Paged
     cfg, params, _ = model
     server = serve(model)
     try:
-        engine, events = server.engine, []
-        embed, step = engine.embed, engine.generate
-        engine.embed = lambda ps: (events.append(len(ps)), embed(ps))[1]
-        engine.generate = lambda *a: (events.append('generate'), step(*a))[1]
+        engine, steps = server.engine, []
+        mixed = engine._mixed
+
+        def spy(decoding, chunks, embeds, masks):
+            steps.append((len(decoding), len(embeds)))
+            return mixed(decoding, chunks, embeds, masks)
+
+        engine._mixed = spy
         stub = pb_grpc.GlmStub(grpc.insecure_channel(f'127.0.0.1:{server.port}'))
         stream = stub.Generate(greedy(prompts(1, seed=5)[0], 60), timeout=TIMEOUT)
         first = next(stream)  # decoding now
@@ -126,9 +131,39 @@ def test_an_embedding_call_of_many_inputs_lets_the_streams_decode(model):
         vectors = server.orchestrator.embed(inputs).result(timeout=TIMEOUT)
         ids = list(first.token_ids) + [t for r in stream for t in r.token_ids]
         assert ids == generate(cfg, params, prompts(1, seed=5), 60, stop_ids=())[0]
-        groups = [i for i, e in enumerate(events) if e != 'generate']
-        assert [events[i] for i in groups] == [MAX_BATCH] * 3 + [1]
-        assert all('generate' in events[a:b] for a, b in zip(groups, groups[1:]))
-        np.testing.assert_allclose(vectors, embed(inputs), atol=1e-6)
+        # 260 tokens, 31 a step beside the stream's token.
+        assert [s for s in steps if s[1]] and all(d == 1 for d, e in steps if e)
+        assert sum(1 for _, e in steps if e) == -(-13 * 20 // 31)
+        alone = Paged(cfg, params, MAX_BATCH, MAX_SEQ_LEN, STEPS, page_size=PAGE,
+                      max_num_batched_tokens=32)
+        np.testing.assert_allclose(vectors, alone.embed(inputs), atol=1e-6)
+    finally:
+        server.shutdown(grace=5)
+
+
+def test_an_embedding_call_whose_client_left_computes_no_more(model):
+    """cancel_embed on a call the engine has begun: the next step drops it, its future is
+    cancelled, its pages are free, and the steps after compute nothing of it."""
+    server = serve(model)
+    try:
+        engine, orchestrator, steps = server.engine, server.orchestrator, []
+        future, generate_call = None, engine.generate
+
+        def step(*args):
+            out = generate_call(*args)
+            steps.append(engine.last_tokens)
+            if len(steps) == 2:  # the client leaves once two steps of it have run
+                orchestrator.cancel_embed(future)
+            return out
+
+        engine.generate = step
+        future = orchestrator.embed([(p * 4)[:120] for p in prompts(4, seed=7)])
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(timeout=TIMEOUT)
+        assert len(steps) == 2 and not engine.embedding_work
+        assert engine.manager.pool.num_free == engine.manager.pool.allocatable
+        ids, _ = run(pb_grpc.GlmStub(grpc.insecure_channel(f'127.0.0.1:{server.port}')),
+                     greedy([1, 2, 3], 8))
+        assert len(ids) == 8
     finally:
         server.shutdown(grace=5)

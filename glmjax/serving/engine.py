@@ -116,9 +116,25 @@ class Engine(abc.ABC):
     def free(self, slot: int) -> None: ...
 
     @abc.abstractmethod
-    def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        """[len(prompts), D] fp32: each prompt's final hidden states, mean-pooled and
-        L2-normalised. Blocks until the device is done (a host array)."""
+    def embed_begin(self, prompts: list[list[int]]) -> int:
+        """Queues an embedding call, computed by the next `generate` calls beside the running
+        sequences (which call it even with no slot running while `embedding_work`); returns
+        its id, for `embed_results` and `embed_cancel`."""
+
+    @abc.abstractmethod
+    def embed_cancel(self, key: int) -> None:
+        """Drops an embedding call that is not handed over yet: nothing more of it runs."""
+
+    @abc.abstractmethod
+    def embed_results(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+        """The calls done since the last time, as (id, [n, D] fp32: each input's final hidden
+        states, mean-pooled and L2-normalised); without `block`, only those whose device steps
+        are finished (no wait). A host read: no device call to make in lockstep."""
+
+    @property
+    @abc.abstractmethod
+    def embedding_work(self) -> bool:
+        """Whether some embedding input still has tokens to compute."""
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -59,7 +59,7 @@ class EngineBackend:
         return events
 
     async def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        """On the engine thread, between decode steps: on the mesh and in lockstep."""
+        """On the engine thread, in its steps beside the streams: on the mesh and in lockstep."""
         try:
             future = self.orchestrator.embed(prompts)
         except Draining as e:
@@ -69,7 +69,7 @@ class EngineBackend:
         except Draining as e:
             raise ApiError(503, str(e), kind='unavailable', retry_after=RETRY_AFTER_S) from None
         except asyncio.CancelledError:
-            future.cancel()  # the client left: skip it if it has not started
+            self.orchestrator.cancel_embed(future)  # the client left: compute no more of it
             raise
 
     def stats(self) -> dict[str, float]:

@@ -249,9 +249,20 @@ class LeaderEngine(Engine):
     def reset(self) -> None:
         self._call({'op': 'reset'}, self.engine.reset)
 
-    def embed(self, prompts: list[list[int]]):
-        return self._call({'op': 'embed', 'prompts': prompts},
-                          lambda: self.engine.embed(prompts))
+    def embed_begin(self, prompts: list[list[int]]) -> int:
+        return self._call({'op': 'embed_begin', 'prompts': prompts},
+                          lambda: self.engine.embed_begin(prompts))
+
+    def embed_cancel(self, key: int) -> None:
+        self._call({'op': 'embed_cancel', 'key': key}, lambda: self.engine.embed_cancel(key))
+
+    def embed_results(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+        # The followers compute the same steps and drop their results (`follow`).
+        return self.engine.embed_results(block)
+
+    @property
+    def embedding_work(self) -> bool:
+        return self.engine.embedding_work
 
     def warmup(self, progress=None) -> None:
         self._call({'op': 'warmup'}, lambda: self.engine.warmup(progress))
@@ -349,12 +360,15 @@ def follow(engine: Engine, process: int, address: tuple[str, int], timeout: floa
             engine.insert(prefix, message['slot'], SlotSettings.from_json(message['settings']))
         elif op == 'generate':
             engine.generate(masks if message.get('masked') else None)
+            engine.embed_results()  # the leader's are its own: these are only let go
         elif op == 'free':
             engine.free(message['slot'])
         elif op == 'reset':
             engine.reset()
-        elif op == 'embed':
-            engine.embed(message['prompts'])
+        elif op == 'embed_begin':
+            engine.embed_begin(message['prompts'])
+        elif op == 'embed_cancel':
+            engine.embed_cancel(message['key'])
         elif op == 'warmup':
             engine.warmup()
         else:

@@ -84,14 +84,14 @@ def make_app(backend: Backend, api_key: str | None = None,
             request, http_completions.completions(backend, metrics, body))
 
     @app.post('/v1/embeddings', response_model=T.EmbeddingList, responses=errors)
-    async def embeddings(body: T.EmbeddingRequest):
+    async def embeddings(body: T.EmbeddingRequest, request: Request):
         _check_model(backend, body.model)
-        return await http_embeddings.embeddings(backend, body)
+        return await _until_disconnected(request, http_embeddings.embeddings(backend, body))
 
     @app.post('/v1/rerank', response_model=T.RerankResponse, responses=errors)
-    async def rerank(body: T.RerankRequest):
+    async def rerank(body: T.RerankRequest, request: Request):
         _check_model(backend, body.model)
-        return await http_embeddings.rerank(backend, body)
+        return await _until_disconnected(request, http_embeddings.rerank(backend, body))
 
     for path, what in UNSUPPORTED.items():
         app.add_api_route(path, _unsupported(what), methods=['POST'],

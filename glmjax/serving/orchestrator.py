@@ -31,6 +31,12 @@ Cancellation (client gone, deadline passed, shutdown) only sets a flag on the re
 its cause; the engine thread frees its slot at its next iteration, and a request that is
 over leaves the queue at once (it no longer counts against max_queue). The final chunk of a
 cancelled request carries the cause, so each API can answer with the status it deserves.
+
+Embedding calls (`embed`, a future) go to the engine at the engine thread's next iteration
+(engine.embed_begin): their inputs are computed by the following generate calls, as chunks
+beside the running streams, and each call's future gets its vectors once the device is done
+with them (engine.embed_results). A call whose client leaves (`cancel_embed`) is dropped
+there, whether or not it has begun.
 """
 
 import collections
@@ -151,13 +157,12 @@ class Request:
         return self.emit(Chunk(finish_reason=reason, stop_reason=message))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # one call is one object: `in` by identity
 class _EmbedCall:
-    """An embedding call: its inputs, the vectors computed so far, and its future."""
+    """An embedding call: its inputs and its future."""
     prompts: list[list[int]]
     future: concurrent.futures.Future
-    vectors: list = dataclasses.field(default_factory=list)
-    started: bool = False  # the future is running: the client can no longer cancel it
+    abandoned: bool = False  # its client left (cancel_embed)
 
 
 class Orchestrator:
@@ -165,10 +170,11 @@ class Orchestrator:
         self.engine, self.max_queue = engine, max_queue
         self._slots: list[Request | None] = [None] * engine.max_batch
         self._pending: collections.deque[Request] = collections.deque()
-        # Embedding calls, run by the engine thread between steps (on the mesh, and in
-        # lockstep on several processes, like every other engine call), max_batch inputs at
-        # a time; the oldest first, and it stays here until done.
+        # Embedding calls the engine thread has yet to begin, and those it has begun, by id
+        # (the engine computes them in its steps, on the mesh and in lockstep like every
+        # other engine call).
         self._embeds: collections.deque[_EmbedCall] = collections.deque()
+        self._embedding: dict[int, _EmbedCall] = {}
         self._cond = threading.Condition()
         self._detok_queue: queue.Queue = queue.Queue()
         self._closing = self._draining = False
@@ -233,13 +239,29 @@ class Orchestrator:
             self._cond.notify_all()
         return future
 
+    def cancel_embed(self, future: concurrent.futures.Future) -> None:
+        """The client of this embedding call left: whatever of it is not computed yet is not."""
+        with self._cond:
+            for call in list(self._embeds) + list(self._embedding.values()):
+                if call.future is future:
+                    call.abandoned = True
+            future.cancel()  # ends it at once if it has not begun
+
     def _fail_embeds(self, message: str) -> None:
-        """Called with the lock held."""
-        while self._embeds:
-            call = self._embeds.popleft()
-            if call.started or call.future.set_running_or_notify_cancel():
-                if not call.future.done():
-                    call.future.set_exception(Draining(message))
+        """Called with the lock held: every embedding call, begun or not, ends Draining."""
+        for call in self._embeds:  # one may be running: being begun
+            f = call.future
+            if not f.done() and (f.running() or f.set_running_or_notify_cancel()):
+                f.set_exception(Draining(message))
+        self._embeds.clear()
+        self._end_begun(Draining(message))
+
+    def _end_begun(self, error: Exception) -> None:
+        """Called with the lock held: the begun embedding calls end with `error`."""
+        for call in self._embedding.values():
+            if not call.future.done():
+                call.future.set_exception(error)
+        self._embedding.clear()
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -282,7 +304,8 @@ class Orchestrator:
                 t.join(timeout=30)
 
     def _idle(self) -> bool:
-        return not self._pending and not self._embeds and all(s is None for s in self._slots)
+        return (not self._pending and not self._embeds and not self._embedding
+                and all(s is None for s in self._slots))
 
     # ---- the engine thread ----
 
@@ -316,13 +339,14 @@ class Orchestrator:
         call, between its forward and its sampling: the masks follow from those tokens."""
         with self._cond:
             self._prune_pending()
-        self._run_embeds()
+        self._begin_embeds()
         self._release()
         self._admit()
         with self._cond:
             snapshot = list(self._slots)
-        if not any(r is not None for r in snapshot):
+        if not any(r is not None for r in snapshot) and not self.engine.embedding_work:
             self._emit(previous)
+            self._end_embeds(block=True)  # nothing else to run: wait for the device
             return []
         # device_done is as of the call before `previous`: a request done in `previous`
         # still counts, which costs the others at most one more one-step call.
@@ -340,6 +364,7 @@ class Orchestrator:
             out = self.engine.generate(masks)
             if not asked:  # an engine that had nothing to compute: the tokens must not be lost
                 self._emit(previous)
+        self._end_embeds(block=False)
         # Before this call's tokens are emitted, so the request's last chunk carries it.
         for slot, req in enumerate(snapshot):
             if req is not None:
@@ -359,43 +384,53 @@ class Orchestrator:
                 r.matcher.fill(allowed, s)
         return allowed
 
-    def _run_embeds(self) -> None:
-        """Runs the next engine.max_batch inputs of the oldest embedding call: one engine
-        call between two decode calls, so that the running streams advance while a call of
-        many inputs is computed."""
+    def _begin_embeds(self) -> None:
+        """Hands the queued embedding calls to the engine, and drops the begun ones whose
+        client left."""
         with self._cond:
-            while self._embeds and not self._embeds[0].started:
-                if self._embeds[0].future.set_running_or_notify_cancel():
-                    self._embeds[0].started = True
-                else:
-                    self._embeds.popleft()  # the client left
-            if not self._embeds:
-                return
-            call = self._embeds[0]
-        done = len(call.vectors)
-        try:
-            vectors = self.engine.embed(call.prompts[done:done + self.engine.max_batch])
-        except Exception as e:
+            calls = list(self._embeds)
+            gone = [k for k, c in self._embedding.items() if c.abandoned]
+        for key in gone:
+            self.engine.embed_cancel(key)
             with self._cond:
-                self._end_embed(call, exception=e)
-            if isinstance(e, EngineLost) or self.engine.lost() is not None:
-                raise
-            log.exception('embedding call failed')
-            return
-        with self._cond:
-            call.vectors += list(vectors)
-            if len(call.vectors) == len(call.prompts):
-                self._end_embed(call, result=np.stack(call.vectors))
+                if (call := self._embedding.pop(key, None)) is not None:
+                    call.future.set_exception(concurrent.futures.CancelledError())
+        for call in calls:
+            # A call stays queued until it is begun, so that cancel_embed always finds it.
+            if call.abandoned or not call.future.set_running_or_notify_cancel():
+                with self._cond:
+                    if call in self._embeds:
+                        self._embeds.remove(call)  # the client left before it began
+                continue
+            try:
+                key = self.engine.embed_begin(call.prompts)
+            except Exception as e:
+                with self._cond:
+                    if call in self._embeds:
+                        self._embeds.remove(call)
+                        call.future.set_exception(e)
+                if isinstance(e, EngineLost) or self.engine.lost() is not None:
+                    raise
+                log.exception('embedding call failed to begin')
+                continue
+            with self._cond:
+                if call not in self._embeds:  # abort or close ended it meanwhile
+                    self.engine.embed_cancel(key)
+                else:
+                    self._embeds.remove(call)
+                    self._embedding[key] = call
 
-    def _end_embed(self, call: _EmbedCall, result=None, exception=None) -> None:
-        """Called with the lock held. A call that abort or close ended meanwhile is gone."""
-        if self._embeds and self._embeds[0] is call:
-            self._embeds.popleft()
-        if not call.future.done():
-            if exception is None:
-                call.future.set_result(result)
-            else:
-                call.future.set_exception(exception)
+    def _end_embeds(self, block: bool) -> None:
+        """Sets the futures of the embedding calls the device is done with (with `block`,
+        waits for all those computed)."""
+        if not self._embedding:
+            return
+        for key, vectors in self.engine.embed_results(block):
+            with self._cond:
+                call = self._embedding.pop(key, None)
+                if call is not None:
+                    call.future.set_result(vectors)
+                self._cond.notify_all()
 
     def _release(self) -> None:
         """Frees the slots of requests that are over, for whatever reason."""
@@ -485,6 +520,7 @@ class Orchestrator:
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
+            self._end_begun(RuntimeError(message))  # the engine's reset drops them
             for slot, req in enumerate(self._slots):
                 if req is not None:
                     req.finish('error', message)

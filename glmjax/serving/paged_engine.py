@@ -23,7 +23,7 @@ The calls, as the orchestrator makes them:
   by one token while a long prompt is computed chunk by chunk, and a chunk that ends its
   prompt samples the first token. Otherwise it is `steps_per_call` decode steps of the
   decoding slots. Rows are padded to the smallest of `row_buckets` and tokens to the
-  smallest of `token_buckets` (a mixed step has max_batch rows: what it costs is its
+  smallest of `token_buckets` (a mixed step has max_batch + 1 rows: what it costs is its
   tokens), all compiled at warm-up: one sequence alone decodes in a 1-row step. Outputs
   are scattered back to [max_batch, steps_per_call]. `generate(masks)` (some request is
   constrained) is one mixed step in two device calls, `_mixed_forward` then
@@ -31,10 +31,13 @@ The calls, as the orchestrator makes them:
   computes them from the previous step's tokens while the forward runs.
 - `free(slot)` finishes the sequence: its pages are released; the cached ones stay in the
   prefix cache until evicted.
-- `embed(prompts)`, between calls: the prompts are computed as prompts are, their chunks
-  packed into mixed steps of their own over pages of their own, and each one's final
-  hidden states are mean-pooled: an input needs no more memory and no other programs than
-  a prompt does, however long it is.
+- `embed_begin(prompts)` queues an embedding call: its inputs are computed as prompts are,
+  as chunks of the same mixed steps beside the running streams (rows of no slot, over pages
+  of their own), and each one's final hidden states are mean-pooled from per-step row sums;
+  `embed_results` hands over the calls whose vectors are on the host. An input needs no
+  more memory and no other programs than a prompt does, however long it is, and the
+  streams decode on while it is computed. `embed(prompts)` is the same in steps of its own,
+  blocking (warm-up, tests).
 
 Prompts that share a prefix are not computed side by side: a prompt whose next page an older
 prompt has yet to compute waits, and takes the page from the cache once it is written, as
@@ -158,6 +161,23 @@ class _Filling:
     tokens: list[int]
     done: int
     first: bool
+
+
+@dataclasses.dataclass
+class _Embedding:
+    """An embedding call as the engine computes it: per input its tokens computed so far
+    and, while it is computed, its pages; per step that ran some of its inputs, the step's
+    row sums [R, D] on the device and which input each of the call's rows holds."""
+    inputs: list[list[int]]
+    done: list[int]
+    pages: list[list[int] | None]
+    order: int  # its age among the prompts being computed (`_admitted`)
+    sums: list[tuple[jax.Array, list[tuple[int, int]]]] = dataclasses.field(
+        default_factory=list)
+
+    @property
+    def computed(self) -> bool:
+        return all(d == len(p) for d, p in zip(self.done, self.inputs))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -524,6 +544,9 @@ class PagedEngine(Engine):
         self.layout = Layout(mesh, get_rules(rules))
         self.max_pages_per_seq = pages_for(max_seq_len, page_size)
         self.row_buckets = row_buckets(max_batch)
+        # A mixed step's rows: one per slot, and one more, so that an embedding input (a
+        # chunk of no slot) has a row even while every slot decodes.
+        self.mixed_rows = max_batch + 1
         self.token_buckets = token_buckets(max_num_batched_tokens)
         # Chosen here, not from the step's shape: a mixed step's rows hold chunks, so it
         # must never get the decode-only kernel, even with fewer tokens than rows.
@@ -556,6 +579,7 @@ class PagedEngine(Engine):
         # budget was measured at context 0. None: every token counts 1.
         self.context_tokens: float | None = None
         self._seq_ids = itertools.count()
+        self._embed_ids = itertools.count()  # the same on every process: calls name them
         self._all_allowed: dict[int, jax.Array] = {}
         self.reset()
 
@@ -639,7 +663,8 @@ class PagedEngine(Engine):
         state = like(jax.eval_shape(functools.partial(
             _empty_state, B, self.vocab_size, k, self.cfg.hidden_size, self.dtype)), replicated)
         rows = (host((B,)), host((1,)), host((B, M)))  # slots, num_seqs, page table
-        ragged = (host((T,)), host((B,)), host((B + 1,)), host((B,)), host((B,), bool))
+        R = self.mixed_rows
+        ragged = (host((T,)), host((R,)), host((R + 1,)), host((R,)), host((R,), bool))
 
         def sizes_at(n: int) -> dict[str, int]:
             cfg, params = truncated(self.cfg, n, like(self.params))
@@ -652,13 +677,13 @@ class PagedEngine(Engine):
             pages, mtp = pool(init_pages), pool(init_mtp_pages) if k else None
             with jax.set_mesh(mesh):
                 lowered = _mixed_forward.lower(cfg, self.mixed_impl, k, params, pages, state,
-                                               *ragged, *rows[1:])
+                                               *ragged, host((1,)), host((R, M)))
                 _, h, logits = like(lowered.out_info, replicated)
                 forward = memory_sizes(lowered)
                 sample = memory_sizes(_mixed_sample.lower(
                     cfg, self.mixed_impl, self.steps_per_call, k, params, mtp, state, h,
-                    logits, *ragged, host((B,), bool), host((B,)), *rows[1:],
-                    host((B, bitmask_words(self.vocab_size)))))
+                    logits, *ragged, host((R,), bool), host((R,)), host((1,)), host((R, M)),
+                    host((R, bitmask_words(self.vocab_size)))))
                 calls = [memory_sizes(_generate.lower(cfg, self.decode_impl,
                                                       self.steps_per_call, k, params, pages,
                                                       mtp, state, *rows))]
@@ -697,6 +722,7 @@ class PagedEngine(Engine):
         self._history: list[list[int]] = [[] for _ in range(B)]  # generated, fetched
         self._binding = [0] * B  # which request a slot's pending outputs belong to
         self._cached = [0] * B  # per slot: prompt tokens taken from the prefix cache
+        self._embeddings: dict[int, _Embedding] = {}  # by id, oldest first, until handed over
         # Per call not yet fetched: (tokens, valid, bindings, growth, accepted).
         self._outs: collections.deque = collections.deque()
         # Per decoding slot: a bound of its length, the call's most growth added at each
@@ -764,14 +790,14 @@ class PagedEngine(Engine):
         (glmjax.token_mask); with it, the call is one mixed step in two device calls,
         forward then sampling, so the host fills the masks while the forward runs."""
         self._fetch(keep=2)  # older calls are long done: their tokens cost only a copy
-        if not any(self._in_use):
+        if not any(self._in_use) and not self.embedding_work:
             if masks is not None:
                 masks()  # the contract: always called, so the caller's tokens are fetched
             return self._no_tokens(self.max_batch)
-        decoding, chunks, mixed = self._plan(one_step=masks is not None)
+        decoding, chunks, embeds, mixed = self._plan(one_step=masks is not None)
         before = self._bound.copy()
         if mixed:
-            out, accepted = self._mixed(decoding, chunks, masks), None
+            out, accepted = self._mixed(decoding, chunks, embeds, masks), None
         else:
             out, accepted = self._decode(decoding, _smallest(self.row_buckets, len(decoding)))
         growth = np.zeros_like(before)
@@ -785,43 +811,63 @@ class PagedEngine(Engine):
         return sorted((s for s in range(self.max_batch) if self._in_use[s]),
                       key=lambda s: self._admitted[s])
 
-    def _plan(self, one_step: bool) -> tuple[list[int], list[tuple[int, int, int]], bool]:
-        """The next call's decode slots, prompt chunks (slot, start, stop) and whether it is
-        a mixed step (one token per decode slot, while some prompt is unfinished), their pages
-        reserved. While the pool is short, the newest sequence is preempted."""
+    def _plan(self, one_step: bool) -> tuple[list[int], list[tuple[int, int, int]],
+                                             list[tuple[int, int, int, int]], bool]:
+        """The next call's decode slots, prompt chunks (slot, start, stop), embedding chunks
+        (call, input, start, stop) and whether it is a mixed step (one token per decode slot,
+        while some prompt or embedding input is unfinished), their pages reserved. Chunks go
+        to the oldest first, prompts and embedding calls alike. While the pool is short, the
+        newest sequence is preempted."""
         while True:
             by_age = self._by_age()
             decoding = [s for s in by_age if self._filling[s] is None]
-            mixed = one_step or len(decoding) < len(by_age)
+            mixed = one_step or len(decoding) < len(by_age) or self.embedding_work
             steps = 1 if mixed else self._call_tokens(len(decoding))
             short = next((s for s in decoding if not self.manager.reserve(
                 self._slot_seq[s], int(min(self._bound[s] + steps, self._limit[s])))), None)
             if short is None:
-                chunks = self._chunks([s for s in by_age if self._filling[s] is not None],
-                                      self.max_num_batched_tokens - len(decoding),
-                                      bool(decoding))
-                if decoding or chunks:
-                    return decoding, chunks, mixed
+                chunks, embeds = self._all_chunks(
+                    [s for s in by_age if self._filling[s] is not None], len(decoding))
+                if decoding or chunks or embeds:
+                    return decoding, chunks, embeds, mixed
             holding = [s for s in by_age if self._slot_seq[s] is not None]
             if not holding or holding == by_age[:1] and short is None:
                 # Nothing else to take pages from: cannot happen within `capacity`.
                 raise OutOfPages(self._short(1, f'slot {by_age[0]} alone'))
             self._preempt(holding[-1])
 
-    def _chunks(self, filling: list[int], budget: int,
-                decoding: bool) -> list[tuple[int, int, int]]:
-        """Prompt chunks for the filling slots, oldest first, within `budget` tokens and the
-        free pages; a slot that gets no pages waits (with every slot after it), and so does
-        one whose next page an older slot has yet to compute (`PageManager.waits_on`; it
-        takes the page once written, `extend`). While some sequence is `decoding`, a token
-        counts its context too (context_tokens): the step is as long as that sequence's gap
-        between two tokens. Else only whole prompts wait on the step, and fewer, larger
-        steps compute them sooner."""
+    def _all_chunks(self, filling: list[int], decoding: int
+                    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int, int]]]:
+        """The prompt and embedding chunks of a step beside `decoding` decode rows: the
+        oldest of the two kinds first (prompts by admission, embedding calls by arrival)."""
+        rows = self.mixed_rows - decoding
+        budget = self.max_num_batched_tokens - decoding
         context = self.context_tokens if decoding else None
+
+        def cost(chunks: list[tuple]) -> int:
+            return sum(chunk_cost(c[-2], c[-1], context) for c in chunks)
+
+        oldest = next((e.order for e in self._embeddings.values() if not e.computed), None)
+        if oldest is not None and (not filling or oldest < self._admitted[filling[0]]):
+            embeds = self._embed_chunks(rows, budget, context)
+            return self._chunks(filling, rows - len(embeds), budget - cost(embeds),
+                                context), embeds
+        chunks = self._chunks(filling, rows, budget, context)
+        return chunks, self._embed_chunks(rows - len(chunks), budget - cost(chunks), context)
+
+    def _chunks(self, filling: list[int], rows: int, budget: int, context: float | None
+                ) -> list[tuple[int, int, int]]:
+        """Prompt chunks for the filling slots, oldest first, within `rows`, `budget` tokens
+        and the free pages; a slot that gets no pages waits (with every
+        slot after it), and so does one whose next page an older slot has yet to compute
+        (`PageManager.waits_on`; it takes the page once written, `extend`). While some
+        sequence decodes, a token counts its context too (context_tokens, else None): the step
+        is as long as that sequence's gap between two tokens. Else only whole prompts wait on
+        the step, and fewer, larger steps compute them sooner."""
         chunks, older = [], []
         for s in filling:
             f = self._filling[s]
-            if budget <= 0:
+            if budget <= 0 or len(chunks) == rows:
                 break
             if self._slot_seq[s] is None:  # preempted: begin again, cached pages first
                 seq = next(self._seq_ids)
@@ -847,6 +893,35 @@ class PagedEngine(Engine):
             chunks.append((s, f.done, stop))
             budget -= chunk_cost(f.done, stop, context)
         return chunks
+
+    def _embed_chunks(self, rows: int, budget: int, context: float | None, preempt: bool = False
+                      ) -> list[tuple[int, int, int, int]]:
+        """Embedding chunks (call, input, start, stop), oldest input first, within `rows` and
+        `budget` (counted as `_chunks` counts). An input takes all its
+        pages when it starts, if they are free; else it waits, with every input after it
+        (`can_admit` keeps its pages from newer prompts), or with `preempt` and no input
+        running, the newest sequences are preempted for it."""
+        chunks = []
+        for key, e in self._embeddings.items():
+            for i, p in enumerate(e.inputs):
+                if e.done[i] == len(p):
+                    continue
+                if budget <= 0 or len(chunks) == rows:
+                    return chunks
+                if e.pages[i] is None:
+                    need = pages_for(len(p), self.page_size)
+                    if need > self.manager.pool.num_free:
+                        if not preempt or chunks or self._embeds_running():
+                            return chunks
+                        self._free_pages_for(need, len(p))
+                    e.pages[i] = self.manager.pool.allocate(need)
+                stop = min(len(p), chunk_stop(e.done[i], budget, context))
+                chunks.append((key, i, e.done[i], stop))
+                budget -= chunk_cost(e.done[i], stop, context)
+        return chunks
+
+    def _embeds_running(self) -> bool:
+        return any(pages is not None for e in self._embeddings.values() for pages in e.pages)
 
     def _preempt(self, slot: int) -> None:
         """Releases the slot's pages; it is recomputed from its tokens when pages are free."""
@@ -940,22 +1015,29 @@ class PagedEngine(Engine):
                 self.mtp_pages, self.state, *self.layout.put(host))
         return out, local(accepted)
 
-    def _run_mixed(self, host: tuple, allowed: Callable[[], np.ndarray] | None) -> StepOutput:
+    def _run_mixed(self, host: tuple, allowed: Callable[[], np.ndarray] | None,
+                   sums: bool = False, sample: bool = True
+                   ) -> tuple[StepOutput | None, jax.Array | None]:
         """host: the step's arrays, as `_mixed_sample` takes them up to `allowed`, which gives
-        the rows' bitmasks [R, ceil(V / 32)] once the forward is dispatched (None: free)."""
+        the rows' bitmasks [R, ceil(V / 32)] once the forward is dispatched (None: free).
+        Returns the outputs (None without `sample`: no row is a slot's) and, with `sums`,
+        each row's sum of its final hidden states."""
         (tokens, slots, cu_q_lens, starts, is_decode, first, follow, num_seqs,
          table) = self.layout.put(host)
         with jax.set_mesh(self.layout.mesh):
             self.pages, h, logits = _mixed_forward(
                 self.cfg, self.mixed_impl, self.num_drafts, self.params, self.pages,
                 self.state, tokens, slots, cu_q_lens, starts, is_decode, num_seqs, table)
+            row_sums = _sum_rows(self.layout, h, cu_q_lens, num_seqs) if sums else None
             masks = self._free_masks(slots.shape[0]) if allowed is None else \
                 self.layout.put(allowed())
+            if not sample:
+                return None, row_sums
             self.mtp_pages, self.state, out = _mixed_sample(
                 self.cfg, self.mixed_impl, self.steps_per_call, self.num_drafts, self.params,
                 self.mtp_pages, self.state, h, logits, tokens, slots, cu_q_lens, starts,
                 is_decode, first, follow, num_seqs, table, masks)
-        return out
+            return out, row_sums
 
     def _free_masks(self, rows: int) -> jax.Array:
         """Every token allowed, for every row: on the device once."""
@@ -965,9 +1047,12 @@ class PagedEngine(Engine):
         return self._all_allowed[rows]
 
     def _mixed(self, decoding: list[int], chunks: list[tuple[int, int, int]],
+               embeds: list[tuple[int, int, int, int]],
                masks: Callable[[], np.ndarray] | None) -> StepOutput:
-        n_rows, rows = len(decoding) + len(chunks), self.max_batch
-        n_tokens = len(decoding) + sum(stop - start for _, start, stop in chunks)
+        n_slots, rows = len(decoding) + len(chunks), self.mixed_rows
+        n_rows = n_slots + len(embeds)
+        n_tokens = len(decoding) + sum(stop - start for _, start, stop in chunks) + sum(
+            stop - start for _, _, start, stop in embeds)
         T = _smallest(self.token_buckets, n_tokens)
         slots = np.full(rows, self.max_batch, np.int32)
         q_lens = np.zeros(rows, np.int32)
@@ -987,18 +1072,25 @@ class PagedEngine(Engine):
                 follow[r] = f.tokens[stop]
             tokens[at:at + stop - start] = f.tokens[start:stop]
             at += stop - start
-        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        seqs = [self._slot_seq[s] for s in slots[:n_rows]]
+        seqs = [self._slot_seq[s] for s in slots[:n_slots]]
         table = self.manager.page_table_array(seqs, rows)
+        for r, (key, i, start, stop) in enumerate(embeds, n_slots):  # rows of no slot
+            e = self._embeddings[key]
+            q_lens[r], starts[r] = stop - start, start
+            table[r, :len(e.pages[i])] = e.pages[i]
+            tokens[at:at + stop - start] = e.inputs[i][start:stop]
+            at += stop - start
+        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
 
         def allowed() -> np.ndarray:
             rows_masks = np.full((rows, bitmask_words(self.vocab_size)), -1, np.int32)
-            rows_masks[:n_rows] = masks()[slots[:n_rows]]
+            rows_masks[:n_slots] = masks()[slots[:n_slots]]
             return rows_masks
 
-        out = self._run_mixed((tokens, slots, cu_q_lens, starts, is_decode, first, follow,
-                               np.array([n_rows], np.int32), table),
-                              None if masks is None else allowed)
+        out, sums = self._run_mixed((tokens, slots, cu_q_lens, starts, is_decode, first, follow,
+                                     np.array([n_rows], np.int32), table),
+                                    None if masks is None else allowed, sums=bool(embeds),
+                                    sample=n_slots > 0)
         self._bound[decoding] = np.minimum(self._bound[decoding] + 1, self._limit[decoding])
         for s, _, stop in chunks:
             f = self._filling[s]
@@ -1009,8 +1101,19 @@ class PagedEngine(Engine):
             if stop == len(f.tokens):
                 self._filling[s] = None
                 self._bound[s] = stop
+        for r, (key, i, _, stop) in enumerate(embeds, n_slots):
+            e = self._embeddings[key]
+            if not e.sums or e.sums[-1][0] is not sums:
+                e.sums.append((sums, []))
+            e.sums[-1][1].append((r, i))
+            e.done[i] = stop
+            if stop == len(e.inputs[i]):
+                # Its K/V is neither shared nor read again; a later step that reuses the
+                # pages is queued after this one.
+                self.manager.pool.release(e.pages[i][::-1])
+                e.pages[i] = None
         self.last_rows, self.last_tokens = rows, T
-        return local(out)
+        return self._no_tokens(self.max_batch) if out is None else local(out)
 
     def _no_tokens(self, batch: int) -> StepOutput:
         S = self.steps_per_call if batch == self.max_batch else 1
@@ -1055,8 +1158,8 @@ class PagedEngine(Engine):
 
     def can_admit(self, prompt: list[int], max_new: int) -> bool:
         """A request starts when its prompt's pages (less its cached prefix) are free beside
-        what the prompts already admitted still need; running sequences that outgrow the
-        pool later preempt the newest."""
+        what the prompts already admitted still need, and the next embedding input to start;
+        running sequences that outgrow the pool later preempt the newest."""
         need = pages_for(len(prompt), self.page_size)
         need -= self.manager.cached_prefix(prompt) // self.page_size
         for s in range(self.max_batch):
@@ -1065,6 +1168,9 @@ class PagedEngine(Engine):
                 held = 0 if self._slot_seq[s] is None else len(
                     self.manager.page_table(self._slot_seq[s]))
                 need += max(0, pages_for(len(f.tokens), self.page_size) - held)
+        need += next((pages_for(len(p), self.page_size) for e in self._embeddings.values()
+                      for p, d, pages in zip(e.inputs, e.done, e.pages)
+                      if pages is None and d < len(p)), 0)
         return need <= self.manager.pool.num_free
 
     def metrics(self) -> dict:
@@ -1075,37 +1181,63 @@ class PagedEngine(Engine):
             out.update({f'spec_decode_num_{k}_calls': v for k, v in self.spec_calls.items()})
         return out
 
-    def embed(self, prompts: list[list[int]]) -> np.ndarray:
-        """Each prompt is computed as a sequence's prompt is, in mixed steps of up to
-        max_batch rows and max_num_batched_tokens tokens, over pages of its own (so it needs
-        a step's memory and programs, whatever its length); its final hidden states are
-        summed step by step. Prompts go in groups whose pages are free together, released
-        after the group. While the pool is short of one prompt's pages, the newest sequence
-        is preempted, as for a sequence that grows."""
+    # ---- embeddings ----
+
+    def embed_begin(self, prompts: list[list[int]]) -> int:
+        """Queues an embedding call; returns its id. Its inputs are computed by the next
+        `generate` calls, as chunks of their mixed steps (oldest first, prompts and calls
+        alike) over pages of their own, and `embed_results` hands the vectors over."""
         prompts = [list(p) for p in prompts]
+        if not prompts:
+            raise ValueError('an embedding call needs at least one input')
         for p in prompts:
             if not 0 < len(p) <= self.capacity:
                 raise ValueError(f'an embedding input of {len(p)} tokens: need 1 to '
                                  f'{self.capacity}')
-        out, todo = [], collections.deque(prompts)
-        while todo:
-            group, pages = [], []
-            while todo and len(group) < self.max_batch:
-                need = pages_for(len(todo[0]), self.page_size)
-                if need > self.manager.pool.num_free:
-                    if group:
-                        break
-                    self._free_pages_for(need, len(todo[0]))
-                group.append(todo.popleft())
-                pages.append(self.manager.pool.allocate(need))
-            try:
-                out += self._embed_group(group, pages)
-            finally:
-                # Their K/V is neither shared nor read again; a later step that reuses the
-                # pages is queued after these.
-                for own in reversed(pages):
-                    self.manager.pool.release(own[::-1])
-        return np.stack(out)
+        key = next(self._embed_ids)
+        self._embeddings[key] = _Embedding(prompts, [0] * len(prompts), [None] * len(prompts),
+                                           order=next(self._order))
+        return key
+
+    def embed_cancel(self, key: int) -> None:
+        """Drops the call (its client left): its pages are released, nothing more of it runs."""
+        e = self._embeddings.pop(key, None)
+        for pages in [] if e is None else e.pages:
+            if pages is not None:
+                self.manager.pool.release(pages[::-1])
+
+    @property
+    def embedding_work(self) -> bool:
+        """Whether some embedding input still has tokens to compute."""
+        return any(not e.computed for e in self._embeddings.values())
+
+    def embed_results(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+        """(id, [n, D] fp32) of each computed call whose steps the device has finished (with
+        `block`, of every computed call): each input's final hidden states, mean-pooled and
+        L2-normalised. Each call is handed over once."""
+        done = [k for k, e in self._embeddings.items() if e.computed and (
+            block or all(sums.is_ready() for sums, _ in e.sums))]
+        return [(k, self._vectors(self._embeddings.pop(k))) for k in done]
+
+    def _vectors(self, e: _Embedding) -> np.ndarray:
+        totals = np.zeros((len(e.inputs), self.cfg.hidden_size), np.float64)
+        for sums, rows in e.sums:
+            host = np.asarray(sums.addressable_data(0))
+            for r, i in rows:
+                totals[i] += host[r]
+        means = totals / np.array([len(p) for p in e.inputs])[:, None]
+        return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+
+    def embed(self, prompts: list[list[int]]) -> np.ndarray:
+        """`embed_begin` then mixed steps of embedding chunks alone until the call is computed
+        (the running sequences do not advance): [len(prompts), D]. While the pool is short of
+        an input's pages, the newest sequence is preempted, as for a sequence that grows."""
+        key = self.embed_begin(prompts)
+        while not self._embeddings[key].computed:
+            embeds = self._embed_chunks(self.mixed_rows, self.max_num_batched_tokens, None,
+                                        preempt=True)
+            self._mixed([], [], embeds, None)
+        return self._vectors(self._embeddings.pop(key))
 
     def _free_pages_for(self, need: int, n: int) -> None:
         """Preempts the newest sequences until `need` pages are free."""
@@ -1114,33 +1246,6 @@ class PagedEngine(Engine):
             if not holding:  # cannot happen within `capacity`
                 raise OutOfPages(self._short(need, f'an embedding input of {n} tokens'))
             self._preempt(holding[-1])
-
-    def _embed_group(self, group: list[list[int]], pages: list[list[int]]) -> list[np.ndarray]:
-        """The normalised mean hidden states of the prompts, each over its pages: each step
-        takes every unfinished prompt's next chunk, oldest first, within the token budget."""
-        done, sums, steps = [0] * len(group), [], []
-        while any(d < len(p) for d, p in zip(done, group)):
-            rows, budget = [], self.max_num_batched_tokens
-            for i, p in enumerate(group):
-                if done[i] < len(p) and budget > 0:
-                    stop = min(len(p), done[i] + budget)
-                    rows.append((i, p[done[i]:stop], done[i], pages[i]))
-                    budget -= stop - done[i]
-                    done[i] = stop
-            T = _smallest(self.token_buckets, self.max_num_batched_tokens - budget)
-            (ids, slots, cu_q_lens, starts, is_decode, _, _, num_seqs,
-             table) = self.layout.put(self._chunks_host([r[1:] for r in rows], T))
-            with jax.set_mesh(self.layout.mesh):
-                self.pages, h, _ = _mixed_forward(
-                    self.cfg, self.mixed_impl, self.num_drafts, self.params, self.pages,
-                    self.state, ids, slots, cu_q_lens, starts, is_decode, num_seqs, table)
-                sums.append(_sum_rows(self.layout, h, cu_q_lens, num_seqs))
-            steps.append([r[0] for r in rows])
-        totals = np.zeros((len(group), self.cfg.hidden_size), np.float64)
-        for inputs, step in zip(steps, sums):
-            totals[inputs] += np.asarray(step.addressable_data(0))[:len(inputs)]
-        means = totals / np.array([len(p) for p in group])[:, None]
-        return list((means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32))
 
     def warmup(self, progress=None) -> None:
         """Compiles every mixed step (token buckets) and decode call (row buckets) on empty
@@ -1185,11 +1290,11 @@ class PagedEngine(Engine):
 
     def _empty_mixed(self, T: int) -> tuple:
         """A mixed step's host arrays with every row padding."""
-        B = self.max_batch
-        return (np.zeros(T, np.int32), np.full(B, B, np.int32), np.zeros(B + 1, np.int32),
-                np.zeros(B, np.int32), np.zeros(B, bool), np.zeros(B, bool),
-                np.full(B, -1, np.int32), np.array([0], np.int32),
-                self.manager.page_table_array([], B))
+        B, R = self.max_batch, self.mixed_rows
+        return (np.zeros(T, np.int32), np.full(R, B, np.int32), np.zeros(R + 1, np.int32),
+                np.zeros(R, np.int32), np.zeros(R, bool), np.zeros(R, bool),
+                np.full(R, -1, np.int32), np.array([0], np.int32),
+                self.manager.page_table_array([], R))
 
     def _chunks_host(self, rows: list[tuple], T: int) -> tuple:
         """A mixed step's host arrays of prompt chunks alone, rows (ids, start, pages): ids
