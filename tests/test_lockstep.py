@@ -34,6 +34,9 @@ class Recorder:
     def free(self, slot):
         self.calls.append(f'free{slot}')
 
+    def embed_results(self, block=False):
+        return []
+
 
 def pair(leader_fails=(), follower_fails=()):
     """A leader engine and a running follower (its result or exception lands in `out`)."""

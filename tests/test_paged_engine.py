@@ -628,7 +628,7 @@ def test_the_pool_leaves_room_for_the_largest_programs_temporaries(monkeypatch):
     from glmjax.serving import paged_engine
     from glmjax.sharding import plan
     cfg = dataclasses.replace(tiny_glm46(), first_k_dense_replace=1,
-                              num_hidden_layers=7)  # 2, 3 and 4 layers compiled
+                              num_hidden_layers=6)  # 2, 3 and 4 layers compiled
     params = init_params(cfg, jnp.float32, seed=2)
     monkeypatch.setattr(paged_engine, 'device_memory', lambda devices: [(10 ** 10, 0)])
     # One sequence: the step of 1,024 prompt tokens needs more than a decode call.
