@@ -242,7 +242,11 @@ def _reference(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, 
         return jax.lax.dynamic_update_slice_in_dim(
             out, jnp.where(valid[:, None, None], o, kept), start, 0)
 
-    out = jax.lax.fori_loop(0, num_tiles, row_tile, jnp.zeros_like(padded))[:T]
+    # The loop's buffer starts as zeros tied to this call's queries: a constant one would be
+    # made (and copied for each loop) at the program's start, one per layer, all live at
+    # once (XLA:CPU did: about one [T, N, H] buffer more per layer).
+    zeros = padded * 0  # XLA keeps x * 0 (x may be NaN): computed here, from this q
+    out = jax.lax.fori_loop(0, num_tiles, row_tile, zeros)[:T]
 
     # Short rows in items of W of their tokens (the rest point past the end: dropped).
     W = max(1, min(tokens_per_row, few))
